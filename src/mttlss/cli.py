@@ -1,0 +1,345 @@
+"""mttlss: distill a labelled image dataset into a tiny synthetic training set (MTT-LSS).
+
+The whole pipeline, one line per stage (CIFAR-10 from the bundled npz file; `cifar10` with --data-root
+reads or downloads torchvision's files instead):
+
+    mttlss quickstart                                   # offline demo on sklearn digits, a few minutes on a CPU
+    mttlss experts  --dataset npz:../shared/data/cifar10.npz --zca --num-experts 10 --epochs 50 --out experts/c10
+    mttlss budget   --dataset cifar10 --ipc 1 --rank 4  # images per class that fit the storage budget
+    mttlss distill  --experts experts/c10 --ipc 1 --param lowrank --preset cifar10_ipc1_lowrank --out runs/c10_ipc1
+    mttlss evaluate runs/c10_ipc1/synthetic.safetensors --runs 5 --epochs 1000 --record
+    mttlss export   runs/c10_ipc1/synthetic.safetensors --format ddranking --out export/c10_ipc1
+    mttlss show     runs/c10_ipc1/synthetic.safetensors --out grid.png
+    mttlss info     runs/c10_ipc1/synthetic.safetensors          # or an experts folder
+
+Baselines at the same storage:
+
+    mttlss random   --dataset npz:../shared/data/cifar10.npz --ipc 1 --experts experts/c10 --out random_ipc1.safetensors
+    mttlss evaluate --full-data --dataset npz:../shared/data/cifar10.npz --epochs 50
+
+Overrides: `--set key=value` (repeatable) on top of a preset (`mttlss presets` lists them, `--preset NAME`
+or a YAML path). Unknown keys are rejected with the list of valid ones.
+
+Several processes: `mttlss experts --workers 4 ...` or `torchrun --nproc_per_node 4 -m mttlss.cli experts ...`
+(each rank trains its share of the experts, one GPU per rank); `mttlss evaluate --workers 4` likewise.
+Long runs resume: rerun the same command after an interruption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True, help="cifar10 | cifar100 | svhn | mnist | fashion-mnist | digits | npz:PATH | folder:PATH")
+    p.add_argument("--data-root", default=None, help="where torchvision datasets are read from (or downloaded to)")
+
+
+def _model_spec(args) -> dict:
+    from mttlss.models import model_spec
+
+    overrides = {k: v for k, v in (("width", args.width), ("depth", args.depth)) if v is not None}
+    return model_spec(args.model, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_experts(args) -> int:
+    from mttlss.experts import ExpertConfig, ExpertSet, train_experts
+
+    cfg = ExpertConfig(dataset=args.dataset, data_root=args.data_root, model=_model_spec(args), num_experts=args.num_experts,
+                       epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, preprocess="zca" if args.zca else "normalize",
+                       dsa=not args.no_dsa, seed=args.seed, channels_last=args.fast, bf16=args.fast or args.bf16,
+                       compile=args.fast or args.compile, device=args.device)
+    experts = train_experts(cfg, args.out, workers=args.workers)
+    _print_expert_validity(experts)
+    return 0
+
+
+def cmd_experts_import(args) -> int:
+    from mttlss.experts import ExpertConfig, import_reference
+
+    cfg = ExpertConfig(dataset=args.dataset, data_root=args.data_root, model=_model_spec(args),
+                       preprocess="zca" if args.zca else "normalize", val_fraction=args.val_fraction)
+    experts = import_reference(args.paths, args.out, cfg=cfg)
+    print(f"imported {len(experts.indices)} experts x {experts.epochs} epochs into {experts.folder}")
+    return 0
+
+
+def _print_expert_validity(experts) -> None:
+    rows = experts.validity()
+    for r in rows:
+        flag = "" if r["loss_decreased"] else "  <- training loss did not decrease"
+        print(f"expert {r['index']:3d}: final val acc {r['final_val_acc']:.4f}  train loss {r['final_train_loss']:.4f}{flag}")
+
+
+def cmd_budget(args) -> int:
+    from mttlss.data import load_dataset
+    from mttlss.parameterization import budget_report
+
+    shape, classes = _shape_of(args.dataset, args.data_root)
+    print(budget_report(num_classes=classes, image_shape=shape, ipc=args.ipc, param="lowrank", rank=args.rank, code=args.code,
+                        subspaces=args.subspaces, num_subspaces=args.num_subspaces, share_channels=args.share_channels))
+    return 0
+
+
+_KNOWN_SHAPES = {"cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100), "svhn": ((3, 32, 32), 10),
+                 "mnist": ((1, 28, 28), 10), "fashion-mnist": ((1, 28, 28), 10), "digits": ((1, 8, 8), 10)}
+
+
+def _shape_of(dataset: str, data_root):
+    """Image shape and class count, without loading the data for the named datasets."""
+    if dataset in _KNOWN_SHAPES:
+        return _KNOWN_SHAPES[dataset]
+    from mttlss.data import load_dataset
+
+    d = load_dataset(dataset, data_root=data_root)
+    return (d.channels, *d.image_size), d.num_classes
+
+
+def cmd_distill(args) -> int:
+    from mttlss.config import parse_set, resolve_config
+    from mttlss.distill import distill
+
+    kwargs = {"ipc": args.ipc, "param": args.param}
+    if args.iterations is not None:
+        kwargs["iterations"] = args.iterations
+    if args.device is not None:
+        kwargs["device"] = args.device
+    cfg = resolve_config(preset=args.preset, overrides=parse_set(args.set), **kwargs)
+    result = distill(cfg, experts=args.experts, out=args.out, argv=sys.argv)
+    if result.artifact is None:
+        print(f"stopped at iteration {result.history[-1]['iteration'] + 1 if result.history else 0}; rerun the same command to resume")
+    else:
+        print(f"wrote {result.artifact} (selected on {result.selection['select_on']}, iteration {result.selection['iteration']})")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from mttlss.evaluate import evaluate_artifact, evaluate_full_data, format_results, get_recipe
+
+    if args.full_data:
+        if not args.dataset:
+            raise SystemExit("--full-data needs --dataset")
+        from mttlss.data import Preprocessor, load_dataset
+        from mttlss.models import model_spec
+
+        data = load_dataset(args.dataset, data_root=args.data_root)
+        pre = Preprocessor.fit("zca" if args.zca else "normalize", data.x_train, dataset=args.dataset)
+        recipe = get_recipe(args.recipe, epochs=args.epochs or 50, lr=args.lr or 0.01)
+        res = evaluate_full_data(data, preprocessor=pre, model_spec=model_spec(args.model or "convnet"), recipe=recipe,
+                                 runs=args.runs, device=args.device)
+    else:
+        if not args.artifact:
+            raise SystemExit("give an artifact path, or --full-data --dataset D")
+        res = evaluate_artifact(args.artifact, data_root=args.data_root, model=args.model, runs=args.runs, recipe=args.recipe,
+                                epochs=args.epochs, seed=args.seed, device=args.device, workers=args.workers,
+                                split=args.split, record=args.record)
+    print(format_results(res))
+    if args.json:
+        from mttlss.io_utils import atomic_write_json
+
+        atomic_write_json(args.json, res)
+    return 0
+
+
+def cmd_random(args) -> int:
+    from mttlss.baselines import random_real_artifact
+
+    path = random_real_artifact(dataset=args.dataset, data_root=args.data_root, ipc=args.ipc, out=args.out,
+                                experts=args.experts, seed=args.seed, zca=args.zca)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    path = Path(args.path)
+    if path.is_dir():
+        from mttlss.experts import ExpertSet
+
+        experts = ExpertSet(path)
+        m = experts.manifest
+        print(json.dumps({k: m[k] for k in ("dataset", "model", "preprocessing", "optimizer", "augmentation", "epochs",
+                                              "num_params", "versions")}, indent=2))
+        print(f"finished experts: {len(experts.indices)}")
+        _print_expert_validity(experts)
+        return 0
+    from mttlss.artifact import format_manifest, read_manifest
+
+    print(format_manifest(read_manifest(path)))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from mttlss.export import export
+
+    for p in export(args.artifact, fmt=args.format, out_dir=args.out):
+        print(p)
+    return 0
+
+
+def cmd_show(args) -> int:
+    from mttlss.artifact import load
+    from mttlss.viz import show_artifact
+
+    for p in show_artifact(load(args.artifact), args.out):
+        print(p)
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from mttlss.config import config_keys, load_preset, preset_names
+
+    if args.name:
+        print(json.dumps(load_preset(args.name), indent=2))
+    else:
+        print("\n".join(preset_names()))
+        print(f"\nconfig keys: {', '.join(config_keys())}")
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    from mttlss.quickstart import quickstart
+
+    quickstart(out=args.out, fast=args.fast)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mttlss", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("quickstart", help="offline end-to-end demo on sklearn digits")
+    p.add_argument("--out", default="mttlss-quickstart")
+    p.add_argument("--fast", action="store_true", help="an even smaller run (used by the tests)")
+    p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("experts", help="train expert trajectories (or: mttlss experts import PATH... --out DIR)")
+    _add_data_args(p)
+    _add_model_args(p)
+    p.add_argument("--num-experts", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=50, help="E; must be >= max_start_epoch - 1 + expert_epochs")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--zca", action="store_true", help="ZCA whitening (eps 0.1) instead of mean/std normalisation")
+    p.add_argument("--no-dsa", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="train experts in this many processes")
+    p.add_argument("--fast", action="store_true", help="channels_last + bf16 autocast + torch.compile")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_experts)
+
+    p = sub.add_parser("experts-import", help="convert reference replay_buffer_*.pt files")
+    p.add_argument("paths", nargs="+")
+    _add_data_args(p)
+    _add_model_args(p)
+    p.add_argument("--zca", action="store_true")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="reference experts were trained on the full training split; 0 keeps that honest")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_experts_import)
+
+    p = sub.add_parser("budget", help="images per class that fit the storage budget")
+    _add_data_args(p)
+    p.add_argument("--ipc", type=int, required=True)
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--code", default="full", choices=["full", "diag"])
+    p.add_argument("--subspaces", default="per_class", choices=["per_class", "shared"])
+    p.add_argument("--num-subspaces", type=int, default=1)
+    p.add_argument("--share-channels", action="store_true")
+    p.set_defaults(func=cmd_budget)
+
+    p = sub.add_parser("distill", help="optimise a synthetic set by trajectory matching")
+    p.add_argument("--experts", required=True)
+    p.add_argument("--ipc", type=int, required=True)
+    p.add_argument("--param", default="lowrank", choices=["lowrank", "pixel"])
+    p.add_argument("--preset", default=None, help="preset name (mttlss presets) or YAML path")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--iterations", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("evaluate", help="train fresh networks on a synthetic set and report test accuracy")
+    p.add_argument("artifact", nargs="?")
+    p.add_argument("--full-data", action="store_true", help="the upper bound: train on the whole real training split")
+    p.add_argument("--dataset", default=None)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--zca", action="store_true", help="with --full-data")
+    p.add_argument("--model", default=None, help="default: the artifact's architecture")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--recipe", default="mtt-1000")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="with --full-data (default 0.01)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default="test", choices=["test", "val"])
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--device", default=None)
+    p.add_argument("--record", action="store_true", help="append the results to the artifact's manifest")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("random", help="an artifact of IPC random real images per class (the baseline)")
+    _add_data_args(p)
+    p.add_argument("--ipc", type=int, required=True)
+    p.add_argument("--experts", default=None, help="reuse this experts folder's split, preprocessing and model")
+    p.add_argument("--zca", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_random)
+
+    p = sub.add_parser("info", help="print an artifact's manifest or an experts folder's summary")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("export", help="write ddranking / imagefolder / npz")
+    p.add_argument("artifact")
+    p.add_argument("--format", required=True, choices=["ddranking", "imagefolder", "npz"])
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("show", help="draw the synthetic images (and mappers / basis vectors for lowrank)")
+    p.add_argument("artifact")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("presets", help="list shipped presets, or print one")
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=cmd_presets)
+    return parser
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="convnet", help="network name (convnet, convnet_d4, ...)")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--depth", type=int, default=None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["experts", "import"]:  # `mttlss experts import PATH ...` reads naturally; route it
+        argv = ["experts-import", *argv[2:]]
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
+        if "MTTLSS_DEBUG" in __import__("os").environ:
+            raise
+        print(f"mttlss {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""The distillation config: one dataclass, one place for every knob, named after the paper's symbols.
+
+Presets are YAML files in ``mttlss/presets/`` (``<dataset>_ipc<k>_<param>.yaml``), each value commented with
+its source row in method.md or marked as this project's choice. ``--set key=value`` overrides; unknown keys
+and values of the wrong type are rejected with the list of valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class DistillConfig:
+    # --- synthetic set -----------------------------------------------------------------------------------
+    ipc: int = 1                      # storage budget in images per class (IPC x classes x C x H x W floats)
+    param: str = "lowrank"            # "lowrank" (MTT-LSS) | "pixel" (plain MTT)
+    rank: int = 4                     # r: rank of each dimension mapper
+    code: str = "full"                # basis vectors per image: "full" r x r core | "diag"
+    subspaces: str = "shared"         # "per_class" (K_c subspaces per class) | "shared" (K in all, used by every class)
+    num_subspaces: int = 1            # K_c (per_class) or K (shared)
+    share_channels: bool = False      # one mapper pair for all channels (codes stay per channel)
+    pairing: str = "fixed"            # "fixed" | "random": a code may meet any mapper its class may use ("sampling")
+    max_images_per_class: int | None = None  # cap on decoded images per class (evaluation and label cost grow with it)
+    count_labels: bool = False        # charge soft labels against the budget (DATM/TESLA do not)
+    init: str = "correct"             # "correct": real images an expert classifies correctly (DATM) | "real" | "noise"
+
+    # --- labels (method.md section 6) ---------------------------------------------------------------------
+    soft_labels: bool = True          # learnable logits initialised from the experts (DATM); False: hard labels
+    lr_y: float = 2.0                 # eta_y: SGD lr of the label logits (DATM: 2 to 10)
+    label_momentum: float = 0.9
+
+    # --- matching (method.md sections 3, 7, 8, 9) -------------------------------------------------------------
+    syn_steps: int = 20               # N: student steps on synthetic data per outer iteration
+    expert_epochs: int = 2            # M: expert epochs between start and target checkpoints
+    min_start_epoch: int = 0          # T-
+    current_max_start_epoch: int = 10  # T_cur: the progressive window's initial upper bound
+    max_start_epoch: int = 20         # T+
+    expansion_end_epoch: int = 1000   # E_exp: outer iterations over which U grows from T_cur to T+
+    progressive: bool = True          # False: plain MTT window [T-, T+)
+    batch_syn: int | None = None      # b: synthetic images per inner step (None: the whole set)
+    lr_teacher: float = 0.01          # alpha_0: initial learnable step size (NOT the expert lr)
+    lr_lr: float = 1e-5               # eta_alpha
+    alpha_min: float = 1e-3           # floor on alpha after each step (FreD/HaBa clamp); keeps it positive
+    alpha_max: float | None = None
+    lr_img: float = 100.0             # eta_x: pixels (pixel set) or codes (lowrank), SGD momentum 0.5
+    lr_mapper: float | None = None    # dimension mappers; None: lr_img / images per subspace (a mapper's grad sums over them)
+    momentum_img: float = 0.5
+    threshold: float = 1.0            # tau: skip the update when L > tau (student ended farther than it started)
+    max_consecutive_skips: int = 200  # then stop with a message naming the knobs
+    dsa: bool = True                  # DSA inside every inner step (and in evaluation)
+    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+
+    # --- the loop -------------------------------------------------------------------------------------------------
+    iterations: int = 5000            # outer iterations (MTT 5,000; DATM 10,000)
+    seed: int = 0
+    checkpoint_every: int = 50        # iterations between atomic checkpoints (resume point)
+    grid_every: int = 500             # iterations between image-grid pictures (0: off)
+    eval_every: int = 500             # iterations between validation evaluations (0: only at the end)
+    eval_runs: int = 1                # networks per validation evaluation
+    eval_epochs: int = 300            # epochs per validation evaluation network (cheaper than the final protocol)
+    eval_epoch_mode: str = "decoded"  # "decoded" | "budget" (method.md 11.2)
+    eval_batch_size: int = 256
+    select_on: str = "val"            # "val": keep the synthetic set with the best validation accuracy | "none": the last
+    device: str | None = None         # None: cuda when present, else cpu
+    tensorboard: bool = False         # also log to TensorBoard (needs the `tensorboard` extra)
+    stop_after: int | None = None     # stop (with a checkpoint) after this many iterations of this call; rerun to resume
+
+    def validate(self) -> "DistillConfig":
+        _choice("param", self.param, ("lowrank", "pixel"))
+        _choice("code", self.code, ("full", "diag"))
+        _choice("subspaces", self.subspaces, ("per_class", "shared"))
+        _choice("pairing", self.pairing, ("fixed", "random"))
+        _choice("init", self.init, ("correct", "real", "noise"))
+        _choice("select_on", self.select_on, ("val", "none"))
+        _choice("eval_epoch_mode", self.eval_epoch_mode, ("decoded", "budget"))
+        for name in ("ipc", "rank", "syn_steps", "expert_epochs", "iterations", "num_subspaces"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr_teacher", "lr_img", "alpha_min"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}: a step size <= 0 cannot train")
+        for name in ("lr_lr", "lr_y"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr_mapper is not None and self.lr_mapper < 0:
+            raise ValueError(f"lr_mapper must be >= 0, got {self.lr_mapper}")
+        if self.max_start_epoch <= self.min_start_epoch:
+            raise ValueError("max_start_epoch (T+) must exceed min_start_epoch (T-)")
+        if self.progressive and not (self.min_start_epoch < self.current_max_start_epoch <= self.max_start_epoch):
+            raise ValueError(
+                "with progressive=true, current_max_start_epoch (T_cur) must lie in (min_start_epoch, max_start_epoch]"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# overrides and presets
+
+
+def config_keys() -> list[str]:
+    return [f.name for f in fields(DistillConfig)]
+
+
+def _field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(DistillConfig)
+    return {f.name: hints[f.name] for f in fields(DistillConfig)}
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check ``value`` against the dataclass annotation (int, float, bool, str, or X | None)."""
+    args = typing.get_args(typ)
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        typ = next(a for a in args if a is not type(None))
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    raise ValueError(f"{key}={value!r} is not a valid {getattr(typ, '__name__', typ)}")
+
+
+def apply_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    types_ = _field_types()
+    out = dict(base)
+    for key, value in overrides.items():
+        if key not in types_:
+            raise KeyError(f"unknown config key {key!r}; valid keys: {', '.join(types_)}")
+        out[key] = _coerce(key, value, types_[key])
+    return out
+
+
+def parse_set(items: list[str] | None) -> dict[str, Any]:
+    """``["syn_steps=30", "lr_img=1e3"]`` -> dict; values parsed as YAML scalars ("1e3" -> 1000.0)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw)
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "1e3" as a string; accept scientific notation without a dot
+                value = float(value) if any(c in value.lower() for c in "e.") else value
+            except ValueError:
+                pass
+        out[key.strip()] = value
+    return out
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("mttlss.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name_or_path: str) -> dict[str, Any]:
+    """A preset by name (``cifar10_ipc1_lowrank``) or a path to a YAML file, as a dict of config values."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        text = path.read_text()
+    else:
+        res = resources.files("mttlss.presets") / f"{name_or_path}.yaml"
+        if not res.is_file():
+            raise KeyError(f"unknown preset {name_or_path!r}; shipped presets: {', '.join(preset_names())}")
+        text = res.read_text()
+    data = yaml.safe_load(text) or {}
+    data.pop("source", None)  # documentation only
+    return apply_overrides({}, data)
+
+
+def resolve_config(*, preset: str | None = None, overrides: dict[str, Any] | None = None, **kwargs: Any) -> DistillConfig:
+    """defaults <- preset <- keyword arguments <- --set overrides, type-checked and validated."""
+    values: dict[str, Any] = load_preset(preset) if preset else {}
+    values = apply_overrides(values, kwargs)
+    values = apply_overrides(values, overrides or {})
+    return DistillConfig(**values).validate()

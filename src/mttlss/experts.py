@@ -1,0 +1,420 @@
+"""Expert trajectories: networks trained on the real data, their parameters stored after every epoch.
+
+Layout of an experts folder::
+
+    experts/
+      manifest.json              what these experts are: dataset, split, preprocessing, model spec and
+                                 parameter layout, optimiser, augmentation, epochs, seeds, versions
+      preprocess.safetensors     the fitted preprocessing state (mean/std or ZCA matrices)
+      expert_000.safetensors     "trajectory" [E+1, P] float32 (row e = parameters after epoch e; row 0 =
+                                 initialisation), "train_loss" [E], "val_acc" [E]
+
+Each expert file is written atomically once the expert is finished, so rerunning the same command after an
+interruption (even kill -9) keeps the finished experts and trains only the missing ones. Expert k is seeded
+with ``seed + k`` whatever the number of workers or ranks, so a parallel run gives the same experts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+import mttlss
+from mttlss.augment import DSAConfig, dsa
+from mttlss.data import Preprocessor, RealData, load_dataset
+from mttlss.distributed import DistInfo, barrier, init_distributed, map_in_processes, shard
+from mttlss.io_utils import atomic_save_safetensors, atomic_write_json
+from mttlss.matching import ParamLayout, flatten_params
+from mttlss.models import build_model, model_spec
+
+FORMAT = "mttlss-experts"
+FORMAT_VERSION = 1
+
+
+class ExpertError(RuntimeError):
+    """Experts that are missing, damaged, or do not match what the caller asked for."""
+
+
+@dataclass
+class ExpertConfig:
+    dataset: str = "cifar10"
+    data_root: str | None = None
+    model: dict = field(default_factory=lambda: model_spec("convnet"))
+    num_experts: int = 10
+    epochs: int = 50                # E: checkpoints 0..E are stored; needs E >= T+ - 1 + M for distillation
+    lr: float = 0.01                # the field's expert recipe: plain SGD at 0.01, constant
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    preprocess: str = "normalize"   # "normalize" | "zca"
+    zca_eps: float = 0.1
+    dsa: bool = True
+    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+    seed: int = 0                   # expert k uses seed + k
+    val_fraction: float = 0.1
+    val_max: int = 5000
+    split_seed: int = 0
+    # fast path (an option: measure its effect on expert accuracy before relying on it)
+    channels_last: bool = False
+    bf16: bool = False              # bf16 autocast for forward/backward; stored parameters stay float32
+    compile: bool = False           # torch.compile the network
+    device: str | None = None
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that define the experts (a rerun must agree on these to resume)."""
+        d = asdict(self)
+        for k in ("num_experts", "data_root", "device"):
+            d.pop(k)
+        return d
+
+
+# ---------------------------------------------------------------------------------------------------------
+# training one expert
+
+
+def _data_and_preprocessor(cfg: ExpertConfig, out: Path | None) -> tuple[RealData, Preprocessor]:
+    data = load_dataset(
+        cfg.dataset, data_root=cfg.data_root, val_fraction=cfg.val_fraction, val_max=cfg.val_max, split_seed=cfg.split_seed
+    )
+    state_file = out / "preprocess.safetensors" if out is not None else None
+    if state_file is not None and state_file.exists():
+        meta = json.loads((out / "manifest.json").read_text())["preprocessing"]
+        with safe_open(str(state_file), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return data, Preprocessor.from_state(meta, tensors)
+    # fitted on train minus validation: the validation split stays unseen by experts and by the ZCA fit
+    pre = Preprocessor.fit(cfg.preprocess, data.x_train, dataset=cfg.dataset, eps=cfg.zca_eps)
+    return data, pre
+
+
+def train_one_epoch(model, optimizer, x, y, *, batch_size, dsa_config, generator, bf16=False, channels_last=False) -> float:
+    """One pass over (x [N, C, H, W] training space, y [N]) in shuffled minibatches; returns the mean loss."""
+    model.train()
+    perm = torch.randperm(len(x), generator=generator)
+    total, count = 0.0, 0
+    for start in range(0, len(x), batch_size):
+        idx = perm[start : start + batch_size]
+        xb, yb = x[idx.to(x.device)], y[idx.to(y.device)]
+        if dsa_config is not None:
+            xb = dsa(xb, config=dsa_config, generator=generator)
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=xb.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(xb), yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(idx)
+        count += len(idx)
+    return total / max(1, count)
+
+
+@torch.no_grad()
+def accuracy(model, x, y, *, batch_size: int = 1024) -> float:
+    model.eval()
+    correct = 0
+    for start in range(0, len(x), batch_size):
+        correct += (model(x[start : start + batch_size]).argmax(1) == y[start : start + batch_size]).sum().item()
+    return correct / max(1, len(x))
+
+
+def train_expert(index: int, cfg: ExpertConfig, data: RealData, pre: Preprocessor, *, device: str, progress: bool = False) -> dict:
+    """Train expert ``index``; returns {"trajectory" [E+1, P], "train_loss" [E], "val_acc" [E], ...}."""
+    seed = cfg.seed + index
+    torch.manual_seed(seed)  # network initialisation
+    gen = torch.Generator().manual_seed(seed)  # shuffling and DSA
+    model = build_model(cfg.model, channels=data.channels, num_classes=data.num_classes, image_size=data.image_size).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if cfg.compile else model
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    pre = pre.to(device)
+    x_train, y_train = pre(data.x_train.to(device)), data.y_train.to(device)  # training space
+    x_val, y_val = pre(data.x_val.to(device)), data.y_val.to(device)
+    dsa_config = DSAConfig(strategy=cfg.dsa_strategy) if cfg.dsa else None
+    trajectory = [flatten_params(model).cpu()]
+    losses, val_accs = [], []
+    epochs = range(cfg.epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        epochs = tqdm(epochs, desc=f"expert {index}", leave=False)
+    for _ in epochs:
+        loss = train_one_epoch(
+            net, opt, x_train, y_train, batch_size=cfg.batch_size, dsa_config=dsa_config, generator=gen,
+            bf16=cfg.bf16, channels_last=cfg.channels_last,
+        )
+        if not math.isfinite(loss):
+            raise ExpertError(f"expert {index}: training loss became {loss}; lower --lr or check the data")
+        losses.append(loss)
+        val_accs.append(accuracy(net, x_val, y_val) if len(x_val) else float("nan"))
+        trajectory.append(flatten_params(model).cpu())
+    return {
+        "trajectory": torch.stack(trajectory),
+        "train_loss": torch.tensor(losses, dtype=torch.float32),
+        "val_acc": torch.tensor(val_accs, dtype=torch.float32),
+        "seed": seed,
+    }
+
+
+def expert_path(out: Path, index: int) -> Path:
+    return Path(out) / f"expert_{index:03d}.safetensors"
+
+
+def _save_expert(out: Path, index: int, result: dict) -> None:
+    meta = {
+        "index": index,
+        "seed": result["seed"],
+        "epochs": int(result["trajectory"].shape[0] - 1),
+        "num_params": int(result["trajectory"].shape[1]),
+        "final_val_acc": float(result["val_acc"][-1]) if len(result["val_acc"]) else None,
+        "final_train_loss": float(result["train_loss"][-1]) if len(result["train_loss"]) else None,
+    }
+    tensors = {k: result[k] for k in ("trajectory", "train_loss", "val_acc")}
+    atomic_save_safetensors(expert_path(out, index), tensors, metadata={"mttlss_expert": json.dumps(meta)})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the experts folder
+
+
+def _manifest(cfg: ExpertConfig, data: RealData, pre: Preprocessor, layout: ParamLayout) -> dict:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "identity": cfg.identity(),
+        "dataset": {
+            "name": data.name,
+            "class_names": list(data.class_names),
+            "num_classes": data.num_classes,
+            "image_shape": [data.channels, *data.image_size],
+            "split": data.split,
+            "data_root": cfg.data_root,
+        },
+        "preprocessing": pre.meta(),
+        "model": cfg.model,
+        "parameter_layout": layout.as_list(),
+        "num_params": layout.num_params,
+        "optimizer": {"name": "sgd", "lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
+                      "batch_size": cfg.batch_size, "schedule": "constant"},
+        "augmentation": {"dsa": cfg.dsa, "strategy": cfg.dsa_strategy if cfg.dsa else None},
+        "epochs": cfg.epochs,
+        "seeds": f"expert k uses seed {cfg.seed} + k",
+        "storage": "expert_<k>.safetensors: trajectory [epochs+1, num_params] float32 (row 0 = initialisation), "
+                   "train_loss [epochs], val_acc [epochs]",
+        "versions": {"mttlss": mttlss.__version__, "torch": torch.__version__, "python": platform.python_version()},
+    }
+
+
+def _prepare_folder(cfg: ExpertConfig, out: Path) -> tuple[RealData, Preprocessor, ParamLayout]:
+    """Load data, fit or restore preprocessing, write manifest + preprocessing state (once)."""
+    manifest_file = out / "manifest.json"
+    if manifest_file.exists():
+        old = json.loads(manifest_file.read_text())
+        if old.get("identity") != cfg.identity():
+            diff = {k: (old.get("identity", {}).get(k), v) for k, v in cfg.identity().items() if old.get("identity", {}).get(k) != v}
+            raise ExpertError(
+                f"{out} already holds experts trained with other settings {diff} (stored, requested); "
+                "use another --out folder, or repeat the original command to resume it"
+            )
+    data, pre = _data_and_preprocessor(cfg, out if manifest_file.exists() else None)
+    model = build_model(cfg.model, channels=data.channels, num_classes=data.num_classes, image_size=data.image_size)
+    layout = ParamLayout.of(model)
+    if not manifest_file.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_save_safetensors(out / "preprocess.safetensors", pre.state_dict())
+        atomic_write_json(manifest_file, _manifest(cfg, data, pre, layout))
+    return data, pre, layout
+
+
+def _train_and_save(args: tuple[int, ExpertConfig, str, str]) -> int:
+    """Worker entry (module level so process pools can pickle it): each process loads its own data copy."""
+    index, cfg, out, device = args
+    data, pre = _data_and_preprocessor(cfg, Path(out))
+    _save_expert(Path(out), index, train_expert(index, cfg, data, pre, device=device))
+    return index
+
+
+def finished_experts(out: Path) -> list[int]:
+    return sorted(int(p.stem.split("_")[1]) for p in Path(out).glob("expert_[0-9][0-9][0-9].safetensors"))
+
+
+def train_experts(cfg: ExpertConfig, out: str | Path, *, workers: int = 1, progress: bool = True) -> "ExpertSet":
+    """Train the missing experts of ``out`` (resumable), in ``workers`` processes or torchrun ranks."""
+    out = Path(out)
+    info: DistInfo = init_distributed(cfg.device)
+    if info.is_main:
+        data, pre, _ = _prepare_folder(cfg, out)
+    barrier(info)
+    if not info.is_main:
+        data, pre = _data_and_preprocessor(cfg, out)
+    done = set(finished_experts(out))
+    todo = shard([k for k in range(cfg.num_experts) if k not in done], info)
+    if workers > 1 and todo:
+        map_in_processes(_train_and_save, [(k, cfg, str(out), info.device) for k in todo], workers=workers)
+    else:
+        show = progress and info.is_main
+        bar = None
+        if show:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(todo), desc="experts", disable=None)  # disable=None: quiet when not a terminal
+        for k in todo:
+            t0 = time.time()
+            result = train_expert(k, cfg, data, pre, device=info.device, progress=show and bar is not None and not bar.disable)
+            _save_expert(out, k, result)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(val_acc=f"{float(result['val_acc'][-1]):.3f}", sec=f"{time.time() - t0:.0f}")
+        if bar is not None:
+            bar.close()
+    barrier(info)
+    return ExpertSet(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading
+
+
+class ExpertSet:
+    """A folder of experts: its manifest, the preprocessing state and lazy access to trajectories."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        manifest_file = self.folder / "manifest.json"
+        if not manifest_file.exists():
+            raise ExpertError(
+                f"no experts at {self.folder} (manifest.json missing); train them with "
+                f"`mttlss experts --dataset NAME --out {self.folder}` or convert reference buffers with `mttlss experts import`"
+            )
+        try:
+            self.manifest = json.loads(manifest_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise ExpertError(f"{manifest_file} is damaged ({exc}); retrain the experts into a new folder") from exc
+        if self.manifest.get("format") != FORMAT:
+            raise ExpertError(f"{manifest_file} is not an mttlss experts manifest")
+        self.indices = finished_experts(self.folder)
+        if not self.indices:
+            raise ExpertError(f"{self.folder} has a manifest but no finished expert files; rerun `mttlss experts` to train them")
+
+    @property
+    def epochs(self) -> int:
+        return int(self.manifest["epochs"])
+
+    @property
+    def num_params(self) -> int:
+        return int(self.manifest["num_params"])
+
+    @property
+    def model(self) -> dict:
+        return self.manifest["model"]
+
+    @property
+    def dataset(self) -> dict:
+        return self.manifest["dataset"]
+
+    def preprocessor(self) -> Preprocessor:
+        with safe_open(str(self.folder / "preprocess.safetensors"), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return Preprocessor.from_state(self.manifest["preprocessing"], tensors)
+
+    def check_model(self, model: torch.nn.Module) -> ParamLayout:
+        """Fail loudly when ``model`` is not the network these experts were trained with."""
+        layout = ParamLayout.of(model)
+        stored = [[n, list(s)] for n, s in self.manifest["parameter_layout"]]
+        if layout.as_list() != stored:
+            raise ExpertError(
+                f"the network ({layout.num_params} parameters) does not match the experts in {self.folder} "
+                f"({self.num_params} parameters, model {self.model}); use the experts' model spec or train new experts"
+            )
+        return layout
+
+    def _open(self, index: int):
+        path = expert_path(self.folder, index)
+        try:
+            return safe_open(str(path), framework="pt")
+        except Exception as exc:  # safetensors raises its own error types for damaged headers
+            raise ExpertError(f"expert file {path} is damaged or unreadable ({exc}); delete it and rerun `mttlss experts` to retrain it") from exc
+
+    def checkpoints(self, index: int, epochs: list[int]) -> torch.Tensor:
+        """Rows of expert ``index``'s trajectory ([len(epochs), P]) without reading the whole file."""
+        with self._open(index) as f:
+            sl = f.get_slice("trajectory")
+            rows, cols = sl.get_shape()
+            if cols != self.num_params or rows != self.epochs + 1:
+                raise ExpertError(f"expert {index} has shape {[rows, cols]}, manifest says {[self.epochs + 1, self.num_params]}: damaged file")
+            return torch.stack([sl[e] for e in epochs])
+
+    def trajectory(self, index: int) -> torch.Tensor:
+        return self.checkpoints(index, list(range(self.epochs + 1)))
+
+    def metrics(self, index: int) -> dict[str, Any]:
+        with self._open(index) as f:
+            meta = json.loads(f.metadata()["mttlss_expert"])
+            meta["train_loss"] = f.get_tensor("train_loss").tolist()
+            meta["val_acc"] = f.get_tensor("val_acc").tolist()
+        return meta
+
+    def validity(self) -> list[dict[str, Any]]:
+        """Per expert: final validation accuracy and whether the training loss kept decreasing (the
+        maintainers' first debugging step when distillation fails)."""
+        report = []
+        for k in self.indices:
+            m = self.metrics(k)
+            loss = m["train_loss"]
+            decreasing = len(loss) < 2 or loss[-1] < loss[0]
+            report.append({"index": k, "final_val_acc": m["final_val_acc"], "final_train_loss": m["final_train_loss"],
+                           "loss_decreased": decreasing})
+        return report
+
+
+# ---------------------------------------------------------------------------------------------------------
+# import of reference-format buffers
+
+
+def import_reference(paths: list[str | Path], out: str | Path, *, cfg: ExpertConfig) -> ExpertSet:
+    """Convert reference ``replay_buffer_<n>.pt`` files (a list of experts, each a list of per-epoch parameter
+    lists in ``named_parameters`` order) into an experts folder. ``cfg`` describes how they were trained
+    (dataset, model, preprocessing): the reference format does not say, so the caller must."""
+    out = Path(out)
+    experts: list[list[list[torch.Tensor]]] = []
+    for p in sorted(map(Path, paths)):
+        if not p.exists():
+            raise ExpertError(f"no buffer file at {p}")
+        try:
+            buf = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ExpertError(f"{p} could not be read as a reference replay buffer ({exc})") from exc
+        if not isinstance(buf, list):
+            raise ExpertError(f"{p} holds a {type(buf).__name__}, expected a list of experts")
+        experts.extend(buf)
+    if not experts:
+        raise ExpertError("the buffer files hold no experts")
+    epochs = len(experts[0]) - 1
+    cfg = ExpertConfig(**{**asdict(cfg), "epochs": epochs, "num_experts": len(experts)})
+    data, pre, layout = _prepare_folder(cfg, out)
+    for k, expert in enumerate(experts):
+        if len(expert) != epochs + 1:
+            raise ExpertError(f"expert {k} has {len(expert)} checkpoints, expert 0 has {epochs + 1}")
+        rows = []
+        for e, params in enumerate(expert):
+            shapes = [list(t.shape) for t in params]
+            if shapes != [s for _, s in layout.as_list()]:
+                raise ExpertError(
+                    f"expert {k}, epoch {e}: parameter shapes {shapes} do not match the model {cfg.model} "
+                    f"({[s for _, s in layout.as_list()]}); pass the --model/--width/--depth the buffer was trained with"
+                )
+            rows.append(torch.cat([t.float().reshape(-1) for t in params]))
+        traj = torch.stack(rows)
+        _save_expert(out, k, {"trajectory": traj, "train_loss": torch.full((epochs,), float("nan")),
+                              "val_acc": torch.full((epochs,), float("nan")), "seed": -1})
+    return ExpertSet(out)

@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+from mttlss.models import (MODELS, ConvNet, build_model, has_buffers, model_spec, num_parameters,
+                           parameter_layout)
+
+
+def _convnet(**kw):
+    args = dict(channels=3, num_classes=10, image_size=(32, 32))
+    args.update(kw)
+    return ConvNet(**args)
+
+
+@pytest.mark.parametrize("classes, expected", [(10, 320_010), (100, 504_420)])
+def test_convnet3_parameter_count(classes, expected):
+    assert num_parameters(_convnet(num_classes=classes)) == expected
+
+
+def test_convnet_parameter_names_match_mtt_order():
+    names = [n for n, _ in parameter_layout(_convnet())]
+    assert names == ["features.0.weight", "features.0.bias", "features.1.weight", "features.1.bias",
+                     "features.4.weight", "features.4.bias", "features.5.weight", "features.5.bias",
+                     "features.8.weight", "features.8.bias", "features.9.weight", "features.9.bias",
+                     "classifier.weight", "classifier.bias"]
+    layout = dict(parameter_layout(_convnet()))
+    assert layout["classifier.weight"] == [10, 2048]
+    assert layout["features.0.weight"] == [128, 3, 3, 3]
+
+
+@pytest.mark.parametrize("channels, size, depth, model, feat", [
+    (3, (32, 32), 3, "convnet", 2048),
+    (1, (28, 28), 3, "convnet", 2048),  # MTT's padding-3 first conv: 28 -> 32
+    (1, (8, 8), 2, "convnet_d2", 512),
+    (1, (8, 8), 3, "convnet", 128),
+    (3, (64, 64), 4, "convnet_d4", 2048),
+])
+def test_convnet_output_shapes(channels, size, depth, model, feat):
+    torch.manual_seed(0)
+    net = build_model(model, channels=channels, num_classes=7, image_size=size)
+    assert model_spec(model)["depth"] == depth
+    assert net.classifier.in_features == feat
+    assert net(torch.randn(2, channels, *size)).shape == (2, 7)
+
+
+def test_first_padding_only_for_mnist_like_inputs():
+    assert _convnet(channels=1, image_size=(28, 28)).features[0].padding == (3, 3)
+    assert _convnet(channels=1, image_size=(32, 32)).features[0].padding == (1, 1)
+    assert _convnet(channels=3, image_size=(28, 28)).features[0].padding == (1, 1)
+
+
+def test_too_deep_for_image_raises():
+    with pytest.raises(ValueError, match="depth"):
+        _convnet(channels=1, image_size=(8, 8), depth=4)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_registry_model_forwards(name):
+    torch.manual_seed(0)
+    net = build_model(name, channels=3, num_classes=5, image_size=(32, 32))
+    out = net(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("norm, act, pool", [("batchnorm", "leakyrelu", "maxpool"), ("layernorm", "gelu", "none"),
+                                             ("groupnorm", "sigmoid", "avgpool"), ("none", "relu", "avgpool")])
+def test_convnet_variants(norm, act, pool):
+    net = _convnet(width=16, depth=2, norm=norm, act=act, pool=pool)
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert has_buffers(net) == (norm == "batchnorm")
+
+
+def test_keyword_only_constructors():
+    with pytest.raises(TypeError):
+        ConvNet(3, 10, (32, 32))
+    for name in ("resnet18", "vgg11", "alexnet"):
+        with pytest.raises(TypeError):
+            MODELS[name](3, 10, (32, 32))
+
+
+def test_model_spec_resolves_and_rejects():
+    assert model_spec("convnet") == {"name": "convnet", "width": 128, "depth": 3, "norm": "instancenorm",
+                                     "act": "relu", "pool": "avgpool"}
+    assert model_spec("convnet", width=64)["width"] == 64
+    assert model_spec("vgg11_bn")["norm"] == "batchnorm"
+    with pytest.raises(ValueError, match="convnet_d4"):
+        model_spec("convnet9")
+    with pytest.raises(ValueError, match="width"):
+        model_spec("convnet", widht=64)
+    with pytest.raises(ValueError, match="instancenorm"):
+        build_model({"name": "convnet", "norm": "bogus"}, channels=3, num_classes=10, image_size=(32, 32))
+
+
+def test_build_model_from_spec_dict():
+    net = build_model(model_spec("convnet", width=32, depth=2), channels=3, num_classes=10, image_size=(32, 32))
+    assert net.classifier.in_features == 32 * 8 * 8
+
+
+def test_has_buffers():
+    assert not has_buffers(_convnet())
+    assert has_buffers(build_model("resnet18", channels=3, num_classes=10, image_size=(32, 32)))
+    assert not has_buffers(build_model("alexnet", channels=3, num_classes=10, image_size=(32, 32)))
