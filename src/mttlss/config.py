@@ -60,7 +60,7 @@ class DistillConfig:
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
 
     # --- the loop -------------------------------------------------------------------------------------------------
-    iterations: int = 5000            # outer iterations (MTT 5,000; DATM 10,000)
+    iterations: int = 5000            # outer iterations (MTT 5,000; DATM 10,000); 0: the initialisation itself
     seed: int = 0
     checkpoint_every: int = 50        # iterations between atomic checkpoints (resume point)
     grid_every: int = 500             # iterations between image-grid pictures (0: off)
@@ -82,9 +82,11 @@ class DistillConfig:
         _choice("init", self.init, ("correct", "real", "noise"))
         _choice("select_on", self.select_on, ("val", "none"))
         _choice("eval_epoch_mode", self.eval_epoch_mode, ("decoded", "budget"))
-        for name in ("ipc", "rank", "syn_steps", "expert_epochs", "iterations", "num_subspaces"):
+        for name in ("ipc", "rank", "syn_steps", "expert_epochs", "num_subspaces", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.iterations < 0:  # 0 writes the initialised set unchanged: the undistilled baseline
+            raise ValueError(f"iterations must be >= 0, got {self.iterations}")
         for name in ("lr_teacher", "lr_img", "alpha_min"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}: a step size <= 0 cannot train")
@@ -143,6 +145,11 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     elif typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-07" (no dot) as a string, e.g. in the shipped presets
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif typ is str:
         if isinstance(value, str):
             return value

@@ -15,7 +15,6 @@ formats under ``data_root``), ``digits`` (scikit-learn's bundled 8x8 set, no fil
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,7 +268,7 @@ def _load_torchvision(name: str, root: Path, download: bool | None):
     if missing and download is False:
         raise DatasetError(_not_found_message(name, root, missing, f"files not found under {root} (download=False)"))
     cls = _torchvision_classes()[name]
-    if missing or download:
+    if missing:  # download is None or True here; files already present are never re-fetched
         try:
             root.mkdir(parents=True, exist_ok=True)
             if name == "svhn":
@@ -704,4 +703,5 @@ class Preprocessor:
         return self
 
     def __repr__(self) -> str:
-        return f"Preprocessor(kind={self.kind!r}, dataset={self.dataset!r}, fitted_on={self.fitted_on!r}, eps={self.eps})"
+        return (f"Preprocessor(kind={self.kind!r}, dataset={self.dataset!r}, fitted_on={self.fitted_on!r}, "
+                f"eps={self.eps})")

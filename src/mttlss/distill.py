@@ -210,7 +210,7 @@ def outer_step(cfg: DistillConfig, state: DistillState, *, model, layout: ParamL
     student = unroll_student(model, layout, start, decode=decode, label_loss=label_loss, syn_lr=state.syn_lr,
                              batches=batches, dsa_config=dsa_config, generator=gen)
     loss = trajectory_loss(student, start, target)
-    record = {"iteration": i, "expert": k, "start_epoch": t, "max_start_epoch": upper, "loss": float(loss),
+    record = {"iteration": i, "expert": k, "start_epoch": t, "max_start_epoch": upper, "loss": float(loss.detach()),
               "syn_lr": state.syn_lr.item(), "skipped": False}
     if not math.isfinite(record["loss"]):
         raise DistillError(

@@ -1,0 +1,187 @@
+"""CIFAR-10 benchmark: does low-rank space sampling beat pixel MTT and random real images at the same storage?
+
+    python benchmarks/cifar10.py                      # CPU scale (about 45 min on 2 cores), IPC 1 and 10
+    python benchmarks/cifar10.py --ipcs 1             # one budget only
+    python benchmarks/cifar10.py --scale paper        # the field's protocol (needs a GPU and hours)
+
+The same experts serve every method. At each IPC storage budget it builds four sets and evaluates each with
+the same recipe on the test split (tested once, after the last epoch, mean +- std over seeded networks):
+
+    random real        IPC random training images per class, hard labels, lr 0.01
+    lowrank init       real images re-coded into the low-rank subspaces (2-D PCA), no distillation;
+                       reported with hard labels and with the experts' initial soft labels
+    pixel MTT          pixel-space trajectory matching (same matching settings, soft labels)
+    MTT-LSS            low-rank space sampling + soft labels + progressive schedule
+
+Nothing is selected on the test split: distillation keeps the set with the best *validation* accuracy.
+Results: ``<out>/results.json`` and ``<out>/results.md``; every stage is resumable (rerun the command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "cifar10.npz"
+
+# One place for every size. CPU scale: a narrow ConvNet-3 (width 32: ~25k parameters instead of 320k) so an
+# expert epoch over 45k images takes seconds, few experts and epochs, short unrolls, shorter evaluation.
+SCALES = {
+    "cpu": {
+        "model": {"name": "convnet", "width": 32, "depth": 3},
+        "experts": {"num_experts": 4, "epochs": 8, "preprocess": "zca"},
+        "eval": {"runs": 3, "epochs": 300, "batch_size": 256, "epoch_mode": "decoded"},
+        "matching": {"syn_steps": 20, "expert_epochs": 2, "min_start_epoch": 0, "iterations": 150,
+                     "lr_teacher": 0.01, "lr_lr": 1e-5, "lr_y": 2.0, "threshold": 1.0, "eval_every": 50,
+                     "eval_epochs": 100, "eval_runs": 1, "grid_every": 0, "checkpoint_every": 25},
+        "ipc": {
+            1: {"window": {"current_max_start_epoch": 2, "max_start_epoch": 4, "expansion_end_epoch": 100},
+                "pixel": {"lr_img": 100.0, "batch_syn": 10},
+                "lowrank": {"rank": 4, "code": "full", "subspaces": "shared", "num_subspaces": 1, "lr_img": 100.0,
+                            "batch_syn": 100}},
+            10: {"window": {"current_max_start_epoch": 3, "max_start_epoch": 6, "expansion_end_epoch": 100},
+                 "pixel": {"lr_img": 100.0, "batch_syn": 100},
+                 "lowrank": {"rank": 8, "code": "full", "subspaces": "per_class", "num_subspaces": 1, "lr_img": 100.0,
+                             "batch_syn": 200, "max_images_per_class": 100}},
+        },
+    },
+    "paper": {  # method.md 11.1 and 12.3: ConvNet-3 width 128, 1,000-epoch evaluation, 5 runs, DATM matching rows
+        "model": {"name": "convnet", "width": 128, "depth": 3},
+        "experts": {"num_experts": 100, "epochs": 50, "preprocess": "zca"},
+        "eval": {"runs": 5, "epochs": 1000, "batch_size": 256, "epoch_mode": "decoded"},
+        "matching": {"eval_every": 500, "eval_epochs": 300, "eval_runs": 1, "grid_every": 500},
+        "ipc": {1: {"preset": "cifar10_ipc1"}, 10: {"preset": "cifar10_ipc10"}, 50: {"preset": "cifar10_ipc50"}},
+    },
+}
+
+
+def stage(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def build_experts(plan: dict, out: Path, device: str | None):
+    from mttlss.experts import ExpertConfig, train_experts
+
+    cfg = ExpertConfig(dataset=f"npz:{DATA}", model=plan["model"], device=device, **plan["experts"])
+    return train_experts(cfg, out / "experts")
+
+
+def distill_config(plan: dict, ipc: int, param: str, **extra):
+    from mttlss.config import resolve_config
+
+    setting = plan["ipc"][ipc]
+    if "preset" in setting:
+        return resolve_config(preset=f"{setting['preset']}_{param}", **plan["matching"], **extra)
+    return resolve_config(ipc=ipc, param=param, **plan["matching"], **setting["window"], **setting[param], **extra)
+
+
+def run_distill(cfg, experts, out: Path, data) -> tuple[Path, float]:
+    from mttlss.distill import distill
+
+    t0 = time.time()
+    result = distill(cfg, experts=experts, out=out, data=data)
+    return result.artifact, time.time() - t0
+
+
+def evaluate(path: Path, plan: dict, data, device) -> dict:
+    from mttlss.evaluate import EvalRecipe, evaluate_artifact
+
+    e = plan["eval"]
+    recipe = EvalRecipe(name=f"bench-{e['epochs']}", epochs=e["epochs"], batch_size=e["batch_size"], epoch_mode=e["epoch_mode"])
+    t0 = time.time()
+    res = evaluate_artifact(path, data=data, runs=e["runs"], recipe=recipe, device=device)
+    res["seconds"] = round(time.time() - t0, 1)
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    ap.add_argument("--ipcs", type=int, nargs="+", default=[1, 10])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "cifar10"))
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args()
+
+    from mttlss.artifact import read_manifest
+    from mttlss.baselines import random_real_artifact
+    from mttlss.data import load_dataset
+    from mttlss.io_utils import atomic_write_json, atomic_write_text
+
+    plan = SCALES[args.scale]
+    out = Path(args.out) / args.scale
+    t_start = time.time()
+    stage(f"experts: {plan['experts']} model {plan['model']}")
+    t0 = time.time()
+    experts = build_experts(plan, out, args.device)
+    expert_seconds = time.time() - t0
+    validity = experts.validity()
+    stage(f"experts done in {expert_seconds:.0f}s, val acc {[round(v['final_val_acc'], 3) for v in validity]}")
+    split = experts.dataset["split"]
+    data = load_dataset(f"npz:{DATA}", val_fraction=split["val_fraction"], val_max=split["val_max"], split_seed=split["seed"])
+
+    rows = []
+    for ipc in args.ipcs:
+        sets: dict[str, tuple[Path, float]] = {}
+        sets["random real"] = (random_real_artifact(dataset=data.name, ipc=ipc, experts=experts.folder, data=data,
+                                                    out=out / f"ipc{ipc}" / "random" / "synthetic.safetensors"), 0.0)
+        stage(f"IPC {ipc}: lowrank init (hard and soft labels)")
+        sets["lowrank init, hard labels"] = run_distill(distill_config(plan, ipc, "lowrank", iterations=0, soft_labels=False),
+                                                        experts, out / f"ipc{ipc}" / "lowrank_init_hard", data)
+        sets["lowrank init, soft labels"] = run_distill(distill_config(plan, ipc, "lowrank", iterations=0),
+                                                        experts, out / f"ipc{ipc}" / "lowrank_init_soft", data)
+        stage(f"IPC {ipc}: pixel MTT")
+        sets["pixel MTT"] = run_distill(distill_config(plan, ipc, "pixel"), experts, out / f"ipc{ipc}" / "pixel", data)
+        stage(f"IPC {ipc}: MTT-LSS")
+        sets["MTT-LSS"] = run_distill(distill_config(plan, ipc, "lowrank"), experts, out / f"ipc{ipc}" / "lowrank", data)
+        for method, (path, seconds) in sets.items():
+            stage(f"IPC {ipc}: evaluating {method}")
+            res = evaluate(path, plan, data, args.device)
+            m = read_manifest(path)
+            rows.append({"ipc": ipc, "method": method, "images_per_class": m["storage"]["images_per_class"],
+                         "stored_floats_images": m["storage"]["stored_floats_images"],
+                         "label_floats": m["storage"]["label_floats"], "budget_floats": m["storage"]["budget_floats"],
+                         "accs": res["accs"], "mean": res["mean"], "std": res["std"],
+                         "median": statistics.median(res["accs"]), "selection": m.get("selection"),
+                         "lr": m.get("lr"), "distill_seconds": round(seconds, 1), "eval_seconds": res["seconds"],
+                         "artifact": str(path)})
+            stage(f"  {method}: {100 * res['mean']:.2f} +- {100 * res['std']:.2f}  ({res['accs']})")
+
+    report = {"benchmark": "cifar10", "scale": args.scale, "plan": plan, "machine": machine(),
+              "date": time.strftime("%Y-%m-%d"), "expert_seconds": round(expert_seconds, 1), "experts": validity,
+              "total_seconds": round(time.time() - t_start, 1), "results": rows}
+    atomic_write_json(out / "results.json", report)
+    table = markdown(report)
+    atomic_write_text(out / "results.md", table)
+    print(table)
+    return 0
+
+
+def machine() -> dict:
+    import os
+
+    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "platform": platform.platform(), "python": platform.python_version()}
+
+
+def markdown(report: dict) -> str:
+    lines = [f"CIFAR-10, {report['scale']} scale, {report['date']}, {report['machine']['cuda'] or str(report['machine']['cpu_count']) + ' CPU cores'}; "
+             f"experts {report['expert_seconds']:.0f}s, total {report['total_seconds'] / 60:.1f} min",
+             "", "| IPC | method | images/class | stored floats (images) | label floats | test acc % (mean ± std) | runs |",
+             "|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        lines.append(f"| {r['ipc']} | {r['method']} | {r['images_per_class']} | {r['stored_floats_images']} | {r['label_floats']} | "
+                     f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} | {len(r['accs'])} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mttlss
+from mttlss import matching
+from mttlss.config import resolve_config
+from mttlss.distill import DistillError, distill, expert_for_iteration
+from mttlss.experts import ExpertSet
+from mttlss.matching import ParamLayout, batch_schedule, soft_cross_entropy, trajectory_loss, unroll_student
+from mttlss.models import build_model
+
+
+def tiny(**kw):
+    """Seconds-long distillation on the shared digits experts (6 stored epochs)."""
+    base = dict(ipc=1, param="lowrank", rank=2, subspaces="shared", syn_steps=5, expert_epochs=2, iterations=12,
+                max_start_epoch=4, current_max_start_epoch=2, expansion_end_epoch=10, eval_every=6, eval_epochs=20,
+                eval_runs=1, grid_every=0, checkpoint_every=4, seed=0)
+    base.update(kw)
+    return resolve_config(**base)
+
+
+@pytest.fixture(scope="module")
+def experts(experts_dir):
+    return ExpertSet(experts_dir)
+
+
+def _segment_loss(experts, syn, label_logits, syn_lr, *, start_epoch=1, expert_epochs=2, steps=5, seed=123):
+    """The matching loss of one FIXED segment (expert 0, fixed batches, no DSA): comparable across sets."""
+    data = experts.dataset
+    model = build_model(experts.model, channels=data["image_shape"][0], num_classes=data["num_classes"],
+                        image_size=tuple(data["image_shape"][1:]))
+    layout = ParamLayout.of(model)
+    start, target = experts.checkpoints(0, [start_epoch, start_epoch + expert_epochs])
+    gen = torch.Generator().manual_seed(seed)
+    batches = batch_schedule(syn.num_images, syn.num_images, steps, gen)
+    hard = syn.labels_hard()
+
+    def label_loss(logits, idx):
+        if label_logits is not None:
+            return soft_cross_entropy(logits, label_logits[idx])
+        return F.cross_entropy(logits, hard[idx])
+
+    with torch.enable_grad():
+        student = unroll_student(model, layout, start, decode=lambda idx: syn.decode(idx), label_loss=label_loss,
+                                 syn_lr=torch.tensor(syn_lr), batches=batches, dsa_config=None, generator=None)
+        return float(trajectory_loss(student, start, target).detach())
+
+
+def test_lowrank_matching_loss_goes_down(experts, tmp_path):
+    # iteration 0 only initialises: its result is the starting set; compare with the set after 30 iterations
+    cfg0 = tiny(iterations=1, lr_img=1e-12, lr_y=0.0, lr_lr=0.0, select_on="none", dsa=False)
+    r0 = distill(cfg0, experts=experts, out=None, progress=False)
+    cfg = tiny(iterations=30, select_on="none", dsa=False)
+    r = distill(cfg, experts=experts, out=None, progress=False)
+    before = _segment_loss(experts, r0.synthetic, r0.labels, r0.syn_lr)
+    after = _segment_loss(experts, r.synthetic, r.labels, r.syn_lr)
+    assert after < before - 0.01, (before, after)
+    assert not any(rec["skipped"] for rec in r.history)
+
+
+def test_resume_equals_uninterrupted(experts, tmp_path):
+    cfg = tiny(iterations=12)
+    a = distill(cfg, experts=experts, out=tmp_path / "a", progress=False)
+    stopped = distill(tiny(iterations=12, stop_after=5), experts=experts, out=tmp_path / "b", progress=False)
+    assert stopped.artifact is None and len(stopped.history) == 5
+    assert not (tmp_path / "b" / "synthetic.safetensors").exists()
+    b = distill(cfg, experts=experts, out=tmp_path / "b", progress=False)
+    sa, sb = a.synthetic.state_dict(), b.synthetic.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], atol=1e-6, rtol=0)
+    torch.testing.assert_close(b.labels, a.labels, atol=1e-6, rtol=0)
+    assert b.syn_lr == pytest.approx(a.syn_lr, abs=1e-9)
+    assert b.selection == a.selection
+    log_a = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in log_b] == list(range(12))
+    assert [r["loss"] for r in log_b] == pytest.approx([r["loss"] for r in log_a], abs=1e-6)
+    assert [r["expert"] for r in log_b] == [r["expert"] for r in log_a]
+
+
+def test_resume_with_other_settings_is_refused(experts, tmp_path):
+    distill(tiny(iterations=4, stop_after=2), experts=experts, out=tmp_path / "r", progress=False)
+    with pytest.raises(DistillError, match="other settings"):
+        distill(tiny(iterations=4, lr_img=5.0), experts=experts, out=tmp_path / "r", progress=False)
+
+
+def test_non_finite_loss_names_the_knobs(experts, monkeypatch):
+    import mttlss.distill as distill_mod
+
+    monkeypatch.setattr(distill_mod, "trajectory_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(DistillError, match="lr_img"):
+        distill(tiny(iterations=3), experts=experts, out=None, progress=False)
+
+
+def test_exploding_step_size_is_caught(experts):
+    with pytest.raises(DistillError, match="lr_img|lr_lr|syn_steps"):
+        distill(tiny(iterations=3, lr_teacher=1e30), experts=experts, out=None, progress=False)
+
+
+def test_skips_stop_after_max_consecutive(experts):
+    with pytest.raises(DistillError, match="3 consecutive iterations") as info:
+        distill(tiny(iterations=10, threshold=0.0, max_consecutive_skips=3), experts=experts, out=None, progress=False)
+    assert "threshold" in str(info.value) and "lr_img" in str(info.value)
+
+
+def test_segment_beyond_stored_epochs(experts):
+    with pytest.raises(DistillError, match="--epochs 8"):
+        distill(tiny(max_start_epoch=7, current_max_start_epoch=2), experts=experts, out=None, progress=False)
+
+
+def test_artifact_loads_and_is_selected_on_val(experts, tmp_path):
+    r = distill(tiny(iterations=6, eval_every=3), experts=experts, out=tmp_path / "run", progress=False)
+    assert r.artifact == tmp_path / "run" / "synthetic.safetensors"
+    art = mttlss.load(r.artifact)
+    sel = art.manifest["selection"]
+    assert sel["select_on"] == "val" and sel["iteration"] in (3, 6) and 0.0 <= sel["score"] <= 1.0
+    assert art.images().shape[1:] == (1, 8, 8)
+    assert art.manifest["storage"]["stored_floats_images"] <= art.manifest["storage"]["budget_floats"] == 640
+    assert art.label_kind == "logits"
+    assert (tmp_path / "run" / "checkpoint.pt").exists()
+    vals = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [("val_acc" in v) for v in vals] == [False, False, True, False, False, True]
+
+
+def test_pixel_with_hard_labels_runs(experts):
+    r = distill(tiny(param="pixel", iterations=4, soft_labels=False, select_on="none"), experts=experts, out=None,
+                progress=False)
+    assert r.synthetic.num_images == 10 and r.labels.dtype == torch.long
+    assert r.selection["select_on"] == "none"
+    assert all(torch.isfinite(torch.tensor(rec["loss"])) for rec in r.history)
+
+
+def test_random_pairing_runs(experts):
+    r = distill(tiny(pairing="random", iterations=4, select_on="none"), experts=experts, out=None, progress=False)
+    assert len(r.history) == 4 and r.synthetic.describe()["pairing"] == "random"
+
+
+def test_expert_cycle_visits_every_expert():
+    order = [expert_for_iteration([0, 1, 2], 0, i) for i in range(6)]
+    assert sorted(order[:3]) == [0, 1, 2] and sorted(order[3:]) == [0, 1, 2]
