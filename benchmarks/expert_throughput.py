@@ -27,6 +27,7 @@ DATA = ROOT.parent / "shared" / "data" / "cifar10.npz"
 VARIANTS = {
     "fp32 eager": dict(channels_last=False, bf16=False, compile=False),
     "channels_last": dict(channels_last=True, bf16=False, compile=False),
+    "compile": dict(channels_last=False, bf16=False, compile=True),
     "bf16 autocast": dict(channels_last=False, bf16=True, compile=False),
     "bf16 + compile": dict(channels_last=False, bf16=True, compile=True),
     "channels_last + bf16 + compile": dict(channels_last=True, bf16=True, compile=True),

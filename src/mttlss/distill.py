@@ -265,7 +265,8 @@ def validate(cfg, state, *, model_spec, data, x_val, device) -> float:
         images = state.synthetic.decode().detach()
     res = evaluate_synthetic(images=images, targets=targets_of(state), x_test=x_val, y_test=data.y_val,
                              model_spec=model_spec, num_classes=data.num_classes, lr=state.syn_lr.item(), recipe=recipe,
-                             runs=cfg.eval_runs, seed=cfg.seed, device=device, ipc=cfg.ipc)
+                             runs=cfg.eval_runs, seed=cfg.seed, device=device, ipc=cfg.ipc,
+                             eval_split="val")
     return float(res["mean"])
 
 
@@ -357,6 +358,13 @@ def distill(config: DistillConfig, *, experts: str | Path | ExpertSet, out: str 
     if out is not None and not resumed:
         out.mkdir(parents=True, exist_ok=True)
         save_checkpoint(out, cfg, state, description, info)
+
+    if not resumed and cfg.select_on == "val" and len(x_val) and cfg.iterations > 0:
+        # the initialisation competes too: the selected set is never worse on validation than where it started
+        info["init_val_acc"] = validate(cfg, state, model_spec=experts.model, data=data, x_val=x_val, device=device)
+        state.best = {"iteration": 0, "val_acc": info["init_val_acc"], **_snapshot(state)}
+        if out is not None:
+            save_checkpoint(out, cfg, state, description, info)
 
     bar = None
     if progress:
