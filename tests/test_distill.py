@@ -7,9 +7,9 @@ import torch.nn.functional as F
 import mttlss
 from mttlss import matching
 from mttlss.config import resolve_config
-from mttlss.distill import DistillError, distill, expert_for_iteration
+from mttlss.distillation import DistillError, distill, expert_for_iteration
 from mttlss.experts import ExpertSet
-from mttlss.matching import ParamLayout, batch_schedule, soft_cross_entropy, trajectory_loss, unroll_student
+from mttlss.matching import ParamLayout, batch_schedule, soft_label_loss, trajectory_loss, unroll_student
 from mttlss.models import build_model
 
 
@@ -40,7 +40,7 @@ def _segment_loss(experts, syn, label_logits, syn_lr, *, start_epoch=1, expert_e
 
     def label_loss(logits, idx):
         if label_logits is not None:
-            return soft_cross_entropy(logits, label_logits[idx])
+            return soft_label_loss(logits, label_logits[idx])
         return F.cross_entropy(logits, hard[idx])
 
     with torch.enable_grad():
@@ -89,7 +89,7 @@ def test_resume_with_other_settings_is_refused(experts, tmp_path):
 
 
 def test_non_finite_loss_names_the_knobs(experts, monkeypatch):
-    import mttlss.distill as distill_mod
+    import mttlss.distillation as distill_mod
 
     monkeypatch.setattr(distill_mod, "trajectory_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(DistillError, match="lr_img"):

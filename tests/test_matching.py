@@ -9,7 +9,7 @@ from mttlss.matching import (
     batch_schedule,
     flatten_params,
     sample_start_epoch,
-    soft_cross_entropy,
+    soft_label_loss,
     start_epoch_upper,
     trajectory_loss,
     unroll_student,
@@ -46,7 +46,7 @@ def test_functional_unroll_matches_module_sgd_step_by_step():
 
 def _matching_loss(model, layout, start, target, decode, y_logits, batches, lr):
     theta = unroll_student(model, layout, start, decode=decode,
-                           label_loss=lambda z, i: soft_cross_entropy(z, y_logits[i]), syn_lr=lr,
+                           label_loss=lambda z, i: soft_label_loss(z, y_logits[i]), syn_lr=lr,
                            batches=batches, dsa_config=None, generator=None)
     return trajectory_loss(theta, start, target)
 

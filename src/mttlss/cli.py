@@ -104,7 +104,7 @@ def _shape_of(dataset: str, data_root):
 
 def cmd_distill(args) -> int:
     from mttlss.config import parse_set, resolve_config
-    from mttlss.distill import distill
+    from mttlss.distillation import distill
 
     kwargs = {"ipc": args.ipc, "param": args.param}
     if args.iterations is not None:

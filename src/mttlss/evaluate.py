@@ -131,6 +131,8 @@ def train_one_epoch(
     generator: torch.Generator,  # CPU generator: shuffling (and DSA when dsa_generator is None)
     steps: int | None = None,  # None: one full pass; else exactly this many batches (budget mode)
     dsa_generator: torch.Generator | None = None,  # CPU generator for DSA draws (augment.dsa needs CPU)
+    bf16: bool = False,  # bf16 autocast for forward/backward (the fast path; parameters stay float32)
+    channels_last: bool = False,
 ) -> float:
     """One epoch of SGD; returns the mean training loss over the batches."""
     model.train()
@@ -142,7 +144,10 @@ def train_one_epoch(
         xb, tb = x[idx], targets[idx]
         if dsa_config is not None:
             xb = dsa(xb, config=dsa_config, generator=dsa_generator or generator)
-        loss = _loss(model(xb), tb)
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=xb.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = _loss(model(xb), tb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 
 import mttlss
-from mttlss.augment import DSAConfig, dsa
+from mttlss.augment import DSAConfig
 from mttlss.data import Preprocessor, RealData, load_dataset
+from mttlss.evaluate import evaluate_accuracy, train_one_epoch
 from mttlss.distributed import DistInfo, barrier, init_distributed, map_in_processes, shard
 from mttlss.io_utils import atomic_save_safetensors, atomic_write_json
 from mttlss.matching import ParamLayout, flatten_params
@@ -96,37 +96,6 @@ def _data_and_preprocessor(cfg: ExpertConfig, out: Path | None) -> tuple[RealDat
     return data, pre
 
 
-def train_one_epoch(model, optimizer, x, y, *, batch_size, dsa_config, generator, bf16=False, channels_last=False) -> float:
-    """One pass over (x [N, C, H, W] training space, y [N]) in shuffled minibatches; returns the mean loss."""
-    model.train()
-    perm = torch.randperm(len(x), generator=generator)
-    total, count = 0.0, 0
-    for start in range(0, len(x), batch_size):
-        idx = perm[start : start + batch_size]
-        xb, yb = x[idx.to(x.device)], y[idx.to(y.device)]
-        if dsa_config is not None:
-            xb = dsa(xb, config=dsa_config, generator=generator)
-        if channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=xb.device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(model(xb), yb)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.item() * len(idx)
-        count += len(idx)
-    return total / max(1, count)
-
-
-@torch.no_grad()
-def accuracy(model, x, y, *, batch_size: int = 1024) -> float:
-    model.eval()
-    correct = 0
-    for start in range(0, len(x), batch_size):
-        correct += (model(x[start : start + batch_size]).argmax(1) == y[start : start + batch_size]).sum().item()
-    return correct / max(1, len(x))
-
-
 def train_expert(index: int, cfg: ExpertConfig, data: RealData, pre: Preprocessor, *, device: str, progress: bool = False) -> dict:
     """Train expert ``index``; returns {"trajectory" [E+1, P], "train_loss" [E], "val_acc" [E], ...}."""
     seed = cfg.seed + index
@@ -156,7 +125,7 @@ def train_expert(index: int, cfg: ExpertConfig, data: RealData, pre: Preprocesso
         if not math.isfinite(loss):
             raise ExpertError(f"expert {index}: training loss became {loss}; lower --lr or check the data")
         losses.append(loss)
-        val_accs.append(accuracy(net, x_val, y_val) if len(x_val) else float("nan"))
+        val_accs.append(evaluate_accuracy(net, x_val, y_val) if len(x_val) else float("nan"))
         trajectory.append(flatten_params(model).cpu())
     return {
         "trajectory": torch.stack(trajectory),

@@ -24,6 +24,7 @@ from torch import nn
 from torch.func import functional_call
 
 from mttlss.augment import DSAConfig, dsa
+from mttlss.evaluate import soft_cross_entropy
 
 # ---------------------------------------------------------------------------------------------------------
 # flat parameter vectors
@@ -108,9 +109,9 @@ def sample_start_epoch(upper: int, *, min_start_epoch: int, generator: torch.Gen
 # the student unroll
 
 
-def soft_cross_entropy(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
-    """-(1/B) sum_i sum_k softmax(y_i)_k log softmax(z_i)_k: DATM's loss for learnable soft labels."""
-    return -(F.softmax(target_logits, dim=1) * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+def soft_label_loss(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    """Soft cross-entropy against softmax(label logits): DATM's loss for learnable soft labels."""
+    return soft_cross_entropy(logits, F.softmax(target_logits, dim=1))
 
 
 def batch_schedule(num_images: int, batch_syn: int, steps: int, generator: torch.Generator) -> list[torch.Tensor]:

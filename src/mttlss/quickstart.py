@@ -44,7 +44,7 @@ def _plan(fast: bool) -> dict:
 def quickstart(*, out: str | Path = "mttlss-quickstart", fast: bool = False, progress: bool = True) -> dict:
     from mttlss.baselines import random_real_artifact
     from mttlss.config import resolve_config
-    from mttlss.distill import distill
+    from mttlss.distillation import distill
     from mttlss.evaluate import evaluate_artifact
     from mttlss.experts import ExpertConfig, train_experts
     from mttlss.models import model_spec

@@ -33,7 +33,7 @@ from mttlss.matching import (
     ParamLayout,
     batch_schedule,
     sample_start_epoch,
-    soft_cross_entropy,
+    soft_label_loss,
     start_epoch_upper,
     trajectory_loss,
     unroll_student,
@@ -75,6 +75,7 @@ class DistillResult:
     syn_lr: float
     selection: dict
     history: list[dict]
+    init_info: dict = field(default_factory=dict)   # budget, reconstruction error, initial validation accuracy
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -204,7 +205,7 @@ def outer_step(cfg: DistillConfig, state: DistillState, *, model, layout: ParamL
 
     def label_loss(logits, idx):
         if state.label_logits is not None:
-            return soft_cross_entropy(logits, state.label_logits[idx.to(device)])
+            return soft_label_loss(logits, state.label_logits[idx.to(device)])
         return F.cross_entropy(logits, hard[idx.to(device)])
 
     student = unroll_student(model, layout, start, decode=decode, label_loss=label_loss, syn_lr=state.syn_lr,
@@ -417,7 +418,7 @@ def distill(config: DistillConfig, *, experts: str | Path | ExpertSet, out: str 
             plot_curves(out / LOG, out / "curves.png")
         except Exception as exc:  # a picture must never cost the user the run
             print(f"warning: could not draw the curves: {exc}", file=sys.stderr)
-    return DistillResult(out, artifact, syn, labels, float(final["lr"]), selection, history)
+    return DistillResult(out, artifact, syn, labels, float(final["lr"]), selection, history, info)
 
 
 def _select(cfg: DistillConfig, state: DistillState) -> tuple[dict, dict]:
