@@ -16,12 +16,16 @@ def run(capsys, *argv):
 
 
 def test_budget_lowrank_cifar10(capsys):
-    code, out, _ = run(capsys, "budget", "--dataset", "cifar10", "--ipc", "1", "--rank", "4")
+    code, out, _ = run(capsys, "budget", "--dataset", "cifar10", "--ipc", "1", "--rank", "4", "--subspaces", "per_class")
     assert code == 0
     assert "30720 floats" in out  # 1 x 10 x 3 x 32 x 32
     # per_class subspaces, full r x r codes, r = 4: (30720 / 10 - 3 x 2 x 32 x 4) / (3 x 4 x 4) = 48 images per class
     row = next(line for line in out.splitlines() if line.strip().startswith("4 *"))
     assert row.split()[:4] == ["4", "*", "full", "48"], row
+    # the default, as in distill: one subspace shared by all classes leaves room for 62 per class
+    code, out, _ = run(capsys, "budget", "--dataset", "cifar10", "--ipc", "1", "--rank", "4")
+    row = next(line for line in out.splitlines() if line.strip().startswith("4 *"))
+    assert row.split()[:4] == ["4", "*", "full", "62"], row
 
 
 def test_presets_lists_shipped(capsys):

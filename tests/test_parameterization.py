@@ -87,7 +87,7 @@ def test_budget_error_names_largest_rank():
     assert n_per_class(num_classes=10, ipc=1, rank=13, code="full") >= 1
     assert n_per_class(num_classes=10, ipc=1, rank=14, code="full") == "-"
     # Nothing fits at any rank: the message says what else to change.
-    with pytest.raises(BudgetError, match="--subspaces shared") as exc:
+    with pytest.raises(BudgetError, match="subspaces=shared") as exc:
         solve_budget(num_classes=10, image_shape=(3, 4, 4), ipc=1, rank=2, num_subspaces=8, count_labels=True)
     assert "largest feasible rank: none" in str(exc.value)
     assert isinstance(exc.value, ValueError)

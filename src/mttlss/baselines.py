@@ -35,6 +35,7 @@ def random_real_artifact(*, dataset: str, ipc: int, out: str | Path, data_root: 
         data = data or load_dataset(ex.dataset["name"], data_root=data_root or ex.dataset.get("data_root"),
                                     val_fraction=split["val_fraction"], val_max=split["val_max"], split_seed=split["seed"])
         pre, spec = ex.preprocessor(), ex.model
+        data_root = data_root or ex.dataset.get("data_root")
     else:
         data = data or load_dataset(dataset, data_root=data_root)
         pre = Preprocessor.fit("zca" if zca else "normalize", data.x_train, dataset=dataset)

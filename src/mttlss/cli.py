@@ -79,12 +79,12 @@ def _print_expert_validity(experts) -> None:
 
 
 def cmd_budget(args) -> int:
-    from mttlss.data import load_dataset
     from mttlss.parameterization import budget_report
 
     shape, classes = _shape_of(args.dataset, args.data_root)
     print(budget_report(num_classes=classes, image_shape=shape, ipc=args.ipc, param="lowrank", rank=args.rank, code=args.code,
-                        subspaces=args.subspaces, num_subspaces=args.num_subspaces, share_channels=args.share_channels))
+                        subspaces=args.subspaces, num_subspaces=args.num_subspaces, share_channels=args.share_channels,
+                        count_labels=args.count_labels, max_images_per_class=args.max_images_per_class))
     return 0
 
 
@@ -106,11 +106,11 @@ def cmd_distill(args) -> int:
     from mttlss.config import parse_set, resolve_config
     from mttlss.distillation import distill
 
-    kwargs = {"ipc": args.ipc, "param": args.param}
-    if args.iterations is not None:
-        kwargs["iterations"] = args.iterations
-    if args.device is not None:
-        kwargs["device"] = args.device
+    if args.preset is None and args.ipc is None:
+        raise ValueError("give --ipc N (or a --preset that sets it)")
+    # flags override the preset only when given, so `--preset cifar10_ipc1_pixel` stays a pixel run
+    kwargs = {k: v for k, v in (("ipc", args.ipc), ("param", args.param), ("iterations", args.iterations),
+                                ("device", args.device)) if v is not None}
     cfg = resolve_config(preset=args.preset, overrides=parse_set(args.set), **kwargs)
     result = distill(cfg, experts=args.experts, out=args.out, argv=sys.argv)
     if result.artifact is None:
@@ -131,9 +131,10 @@ def cmd_evaluate(args) -> int:
 
         data = load_dataset(args.dataset, data_root=args.data_root)
         pre = Preprocessor.fit("zca" if args.zca else "normalize", data.x_train, dataset=args.dataset)
-        recipe = get_recipe(args.recipe, epochs=args.epochs or 50, lr=args.lr or 0.01)
+        epochs = args.epochs or 50
+        recipe = get_recipe("full-30", name=f"full-{epochs}", epochs=epochs, lr=args.lr or 0.01)
         res = evaluate_full_data(data, preprocessor=pre, model_spec=model_spec(args.model or "convnet"), recipe=recipe,
-                                 runs=args.runs, device=args.device)
+                                 runs=args.runs, seed=args.seed, device=args.device, workers=args.workers, split=args.split)
     else:
         if not args.artifact:
             raise SystemExit("give an artifact path, or --full-data --dataset D")
@@ -141,7 +142,9 @@ def cmd_evaluate(args) -> int:
                                 epochs=args.epochs, seed=args.seed, device=args.device, workers=args.workers,
                                 split=args.split, record=args.record)
     print(format_results(res))
-    if args.json:
+    from mttlss.distributed import init_distributed
+
+    if args.json and init_distributed().is_main:
         from mttlss.io_utils import atomic_write_json
 
         atomic_write_json(args.json, res)
@@ -159,6 +162,8 @@ def cmd_random(args) -> int:
 
 def cmd_info(args) -> int:
     path = Path(args.path)
+    if path.is_dir() and (path / "synthetic.safetensors").exists() and not (path / "manifest.json").exists():
+        path = path / "synthetic.safetensors"  # a distillation run folder: show its artifact
     if path.is_dir():
         from mttlss.experts import ExpertSet
 
@@ -256,15 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ipc", type=int, required=True)
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--code", default="full", choices=["full", "diag"])
-    p.add_argument("--subspaces", default="per_class", choices=["per_class", "shared"])
+    p.add_argument("--subspaces", default="shared", choices=["per_class", "shared"], help="default as in distill")
     p.add_argument("--num-subspaces", type=int, default=1)
     p.add_argument("--share-channels", action="store_true")
+    p.add_argument("--count-labels", action="store_true", help="charge soft labels against the budget")
+    p.add_argument("--max-images-per-class", type=int, default=None)
     p.set_defaults(func=cmd_budget)
 
     p = sub.add_parser("distill", help="optimise a synthetic set by trajectory matching")
     p.add_argument("--experts", required=True)
-    p.add_argument("--ipc", type=int, required=True)
-    p.add_argument("--param", default="lowrank", choices=["lowrank", "pixel"])
+    p.add_argument("--ipc", type=int, default=None, help="storage budget in images per class (or from --preset)")
+    p.add_argument("--param", default=None, choices=["lowrank", "pixel"], help="default: the preset's, else lowrank")
     p.add_argument("--preset", default=None, help="preset name (mttlss presets) or YAML path")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--iterations", type=int, default=None)

@@ -216,7 +216,7 @@ def outer_step(cfg: DistillConfig, state: DistillState, *, model, layout: ParamL
     if not math.isfinite(record["loss"]):
         raise DistillError(
             f"matching loss became {record['loss']} at iteration {i} (expert {k}, start epoch {t}); lower lr_img, "
-            "lr_lr or syn_steps, or lower max_start_epoch, then resume from the last checkpoint"
+            "lr_lr or syn_steps, or lower max_start_epoch, and start again with a new --out"
         )
     if loss.item() > cfg.threshold:  # decided before the backward pass: a skipped update costs no backward
         state.consecutive_skips += 1
@@ -235,13 +235,13 @@ def outer_step(cfg: DistillConfig, state: DistillState, *, model, layout: ParamL
     loss.backward()
     grads = [p.grad for opt in state.optimizers.values() for g in opt.param_groups for p in g["params"] if p.grad is not None]
     if not all(torch.isfinite(g).all() for g in grads):
-        raise DistillError(f"non-finite gradient at iteration {i}; lower lr_img / lr_lr / syn_steps and resume")
+        raise DistillError(f"non-finite gradient at iteration {i}; lower lr_img / lr_lr / syn_steps and start again with a new --out")
     for opt in state.optimizers.values():
         opt.step()
     with torch.no_grad():  # alpha stays a positive step size (users saw it go negative or explode without this)
         state.syn_lr.clamp_(min=cfg.alpha_min, max=cfg.alpha_max)
     if not math.isfinite(state.syn_lr.item()):
-        raise DistillError(f"the step size alpha became {state.syn_lr.item()} at iteration {i}; lower lr_lr and resume")
+        raise DistillError(f"the step size alpha became {state.syn_lr.item()} at iteration {i}; lower lr_lr and start again with a new --out")
     return record
 
 
@@ -264,10 +264,14 @@ def validate(cfg, state, *, model_spec, data, x_val, device) -> float:
                         dsa=cfg.dsa, dsa_strategy=cfg.dsa_strategy, epoch_mode=cfg.eval_epoch_mode)
     with torch.no_grad():
         images = state.synthetic.decode().detach()
-    res = evaluate_synthetic(images=images, targets=targets_of(state), x_test=x_val, y_test=data.y_val,
-                             model_spec=model_spec, num_classes=data.num_classes, lr=state.syn_lr.item(), recipe=recipe,
-                             runs=cfg.eval_runs, seed=cfg.seed, device=device, ipc=cfg.ipc,
-                             eval_split="val")
+    try:
+        res = evaluate_synthetic(images=images, targets=targets_of(state), x_test=x_val, y_test=data.y_val,
+                                 model_spec=model_spec, num_classes=data.num_classes, lr=state.syn_lr.item(),
+                                 recipe=recipe, runs=cfg.eval_runs, seed=cfg.seed, device=device, ipc=cfg.ipc,
+                                 eval_split="val")
+    except RuntimeError as exc:  # a diverging validation network: the learned step size is the usual culprit
+        raise DistillError(f"validation training diverged at step size alpha={state.syn_lr.item():.4g} ({exc}); "
+                           "lower lr_teacher or lr_lr and start again with a new --out") from exc
     return float(res["mean"])
 
 
@@ -279,7 +283,8 @@ def _snapshot(state: DistillState) -> dict[str, Any]:
     }
 
 
-def save_checkpoint(out: Path, cfg: DistillConfig, state: DistillState, description: dict, info: dict) -> None:
+def save_checkpoint(out: Path, cfg: DistillConfig, state: DistillState, description: dict, info: dict,
+                    experts: ExpertSet) -> None:
     atomic_torch_save(out / CHECKPOINT, {
         "iteration": state.iteration,
         "config": cfg.to_dict(),
@@ -290,10 +295,16 @@ def save_checkpoint(out: Path, cfg: DistillConfig, state: DistillState, descript
         "consecutive_skips": state.consecutive_skips,
         "total_skips": state.total_skips,
         "best": state.best,
+        "experts": json.dumps(_experts_identity(experts)),
     })
 
 
-def load_checkpoint(out: Path, cfg: DistillConfig, device: str) -> tuple[DistillState, dict] | None:
+def _experts_identity(experts: ExpertSet) -> dict:
+    """What the iteration -> expert mapping depends on: a resume must see the same experts."""
+    return {"identity": experts.manifest.get("identity"), "indices": experts.indices}
+
+
+def load_checkpoint(out: Path, cfg: DistillConfig, device: str, experts: ExpertSet) -> tuple[DistillState, dict] | None:
     path = out / CHECKPOINT
     if not path.exists():
         return None
@@ -304,6 +315,9 @@ def load_checkpoint(out: Path, cfg: DistillConfig, device: str) -> tuple[Distill
         diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
         raise DistillError(f"{out} holds a run with other settings {diff} (stored, requested); use another --out, "
                            "or repeat the original command to resume it")
+    if json.loads(ckpt.get("experts", "null")) != _experts_identity(experts):
+        raise DistillError(f"{out} was distilled from other experts (or another set of finished experts); resume it "
+                           f"with the original --experts folder, or use another --out")
     syn = build_synthetic_set(json.loads(ckpt["description"]))
     syn.load_state_dict(ckpt["state"]["synthetic"])
     syn = syn.to(device)
@@ -321,7 +335,12 @@ def _truncate_log(path: Path, iteration: int) -> list[dict]:
     """Keep the log records before ``iteration`` (a resumed run rewrites the rest)."""
     if not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line torn by a kill mid-write: that iteration is redone anyway
+            continue
     records = [r for r in records if r.get("iteration", -1) < iteration]
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
     return records
@@ -351,21 +370,21 @@ def distill(config: DistillConfig, *, experts: str | Path | ExpertSet, out: str 
     dsa_config = DSAConfig(strategy=cfg.dsa_strategy) if cfg.dsa else None
     out = Path(out) if out is not None else None
 
-    resumed = load_checkpoint(out, cfg, device) if out is not None else None
+    resumed = load_checkpoint(out, cfg, device, experts) if out is not None else None
     state, info = resumed if resumed else _fresh_state(cfg, data, x_train, model, layout, experts, device)
     description = state.synthetic.describe()
     history = _truncate_log(out / LOG, state.iteration) if out is not None else []
     writer = _tensorboard(cfg, out)
     if out is not None and not resumed:
         out.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(out, cfg, state, description, info)
+        save_checkpoint(out, cfg, state, description, info, experts)
 
     if not resumed and cfg.select_on == "val" and len(x_val) and cfg.iterations > 0:
         # the initialisation competes too: the selected set is never worse on validation than where it started
         info["init_val_acc"] = validate(cfg, state, model_spec=experts.model, data=data, x_val=x_val, device=device)
         state.best = {"iteration": 0, "val_acc": info["init_val_acc"], **_snapshot(state)}
         if out is not None:
-            save_checkpoint(out, cfg, state, description, info)
+            save_checkpoint(out, cfg, state, description, info, experts)
 
     bar = None
     if progress:
@@ -374,6 +393,7 @@ def distill(config: DistillConfig, *, experts: str | Path | ExpertSet, out: str 
         bar = tqdm(total=cfg.iterations, initial=state.iteration, desc="distill", disable=None)
     stop_at = cfg.iterations if cfg.stop_after is None else min(cfg.iterations, state.iteration + cfg.stop_after)
     model_spec = experts.model
+    first_iteration = state.iteration
     while state.iteration < stop_at:
         t0 = time.time()
         record = outer_step(cfg, state, model=model, layout=layout, experts=experts, device=device, dsa_config=dsa_config)
@@ -391,7 +411,7 @@ def distill(config: DistillConfig, *, experts: str | Path | ExpertSet, out: str 
             if cfg.grid_every and state.iteration % cfg.grid_every == 0:
                 _save_grid(out / "grids" / f"iter_{state.iteration:06d}.png", state, pre, data)
             if state.iteration % cfg.checkpoint_every == 0 or state.iteration == stop_at:
-                save_checkpoint(out, cfg, state, description, info)
+                save_checkpoint(out, cfg, state, description, info, experts)
         if writer is not None:
             for key in ("loss", "syn_lr", "max_start_epoch", "val_acc"):
                 if key in record:
@@ -409,13 +429,17 @@ def distill(config: DistillConfig, *, experts: str | Path | ExpertSet, out: str 
     syn.load_state_dict(final["synthetic"])
     labels = final["labels"] if final["labels"] is not None else syn.labels_hard()
     artifact = None
-    if out is not None and state.iteration == cfg.iterations:
+    ran = state.iteration > first_iteration
+    if out is not None and state.iteration == cfg.iterations and not ran and (out / ARTIFACT).exists():
+        artifact = out / ARTIFACT  # a finished run rerun: keep its artifact (and the results recorded in it)
+    elif out is not None and state.iteration == cfg.iterations:
         artifact = _write_artifact(out, cfg, syn, labels, final["lr"], pre, data, experts, selection, info, argv)
         _save_grid(out / "final_grid.png", None, pre, data, syn=syn)
         try:
             from mttlss.viz import plot_curves
 
-            plot_curves(out / LOG, out / "curves.png")
+            if (out / LOG).exists():  # iterations=0 (the initialisation itself) has no log
+                plot_curves(out / LOG, out / "curves.png")
         except Exception as exc:  # a picture must never cost the user the run
             print(f"warning: could not draw the curves: {exc}", file=sys.stderr)
     return DistillResult(out, artifact, syn, labels, float(final["lr"]), selection, history, info)

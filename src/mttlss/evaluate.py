@@ -342,7 +342,8 @@ def _load_manifest_dataset(manifest: dict, data_root: Any) -> Any:
     if "seed" in split:  # data.py records the split seed as "seed"; load_dataset takes it as split_seed
         split.setdefault("split_seed", split.pop("seed"))
     accepted = set(inspect.signature(load_dataset).parameters) - {"name", "data_root"}
-    return load_dataset(ds["name"], data_root=data_root, **{k: v for k, v in split.items() if k in accepted})
+    root = data_root if data_root is not None else ds.get("data_root")  # where the run read its data
+    return load_dataset(ds["name"], data_root=root, **{k: v for k, v in split.items() if k in accepted})
 
 
 def _check_compatible(images: Tensor, labels: Tensor, manifest: dict, data: Any) -> None:
@@ -382,8 +383,8 @@ def evaluate_artifact(
     if split not in ("test", "val"):
         raise ValueError(f"split={split!r}; use 'val' (model selection) or 'test' (final report)")
     recipe = _as_recipe(recipe)
-    if epochs is not None:
-        recipe = replace(recipe, epochs=epochs)
+    if epochs is not None and epochs != recipe.epochs:  # a changed recipe gets a name that says so
+        recipe = replace(recipe, epochs=epochs, name=f"{recipe.name}@{epochs}ep")
     manifest = art.manifest
     data = data if data is not None else _load_manifest_dataset(manifest, data_root)
     images, labels = art.images(), art.labels
@@ -406,7 +407,9 @@ def evaluate_artifact(
         result["recipe"]["lr_source"] = "artifact"
     result["label_kind"] = art.label_kind
     result["dataset"] = data.name
-    if record:
+    from mttlss.distributed import init_distributed
+
+    if record and init_distributed().is_main:  # under torchrun every rank holds the gathered result; one writes
         artifact_mod.add_results(getattr(art, "path", artifact_or_path), result)
     return result
 

@@ -80,7 +80,7 @@ def _check_rank(rank: int, image_shape: tuple[int, int, int]) -> None:
     if rank > min(h, w):
         # U_k has orthonormal columns in R^H and V_k in R^W: r cannot exceed min(H, W).
         raise ValueError(f"rank {rank} exceeds min(H, W) = {min(h, w)} for images of shape {image_shape}; "
-                         f"pass --rank {min(h, w)} or smaller")
+                         f"set rank={min(h, w)} or smaller")
 
 
 def _check_lowrank_args(*, rank: int, code: str, subspaces: str, num_subspaces: int, image_shape) -> None:
@@ -205,15 +205,15 @@ def _budget_error_message(*, rank: int, **kw) -> str:
     for r in range(rank - 1, 0, -1):
         n = _lowrank_images_per_class(rank=r, **kw)
         if n >= 1:
-            return msg + f"Largest feasible rank: {r} ({n} images per class); pass --rank {r}."
+            return msg + f"Largest feasible rank: {r} ({n} images per class); set rank={r} (`--set rank={r}` for mttlss distill, `--rank {r}` for mttlss budget)."
     msg += "No rank fits with these settings (largest feasible rank: none). "
     # Try each single change at rank 1 and at the requested rank; report those that help.
     changes = [
-        ("--code diag", dict(code="diag")),
-        ("--subspaces shared --num-subspaces 1", dict(subspaces="shared", num_subspaces=1)),
-        ("--num-subspaces 1", dict(num_subspaces=1)),
-        ("--share-channels", dict(share_channels=True)),
-        ("labels not counted (drop --count-labels)", dict(count_labels=False)),
+        ("code=diag", dict(code="diag")),
+        ("subspaces=shared num_subspaces=1", dict(subspaces="shared", num_subspaces=1)),
+        ("num_subspaces=1", dict(num_subspaces=1)),
+        ("share_channels=true", dict(share_channels=True)),
+        ("count_labels=false", dict(count_labels=False)),
     ]
     fixes = []
     for flag, change in changes:
