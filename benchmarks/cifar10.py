@@ -184,7 +184,8 @@ def machine() -> dict:
 
 def markdown(report: dict) -> str:
     lines = [f"CIFAR-10, {report['scale']} scale, {report['date']}, {report['machine']['cuda'] or str(report['machine']['cpu_count']) + ' CPU cores'}; "
-             f"experts {report['expert_seconds']:.0f}s, total {report['total_seconds'] / 60:.1f} min",
+             f"expert training in this run {report['expert_seconds']:.0f}s (about 0 when an earlier run's experts were reused), "
+             f"total {report['total_seconds'] / 60:.1f} min",
              "", "| IPC | method | images/class | stored floats (images) | label floats | test acc % (mean ± std) | runs |",
              "|---|---|---|---|---|---|---|"]
     for r in report["results"]:

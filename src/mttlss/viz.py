@@ -111,7 +111,7 @@ def _plot_mappers(syn, path: Path, *, max_subspaces: int = 4, max_rank: int = 8)
     v = syn.mappers_V.detach().float().cpu()  # [K, Cm, W, r]
     k_show = min(max_subspaces, u.shape[0])
     r_show = min(max_rank, u.shape[-1])
-    fig = Figure(figsize=(1.3 * (2 + r_show), 1.3 * k_show + 0.4))
+    fig = Figure(figsize=(1.3 * (2 + r_show), 1.3 * k_show + 0.6), layout="constrained")  # room for the title
     axes = fig.subplots(k_show, 2 + r_show, squeeze=False)
     for k in range(k_show):
         # Channel 0 for the U/V matrices (Cm = 1 when mappers are shared across channels).
