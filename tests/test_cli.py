@@ -3,6 +3,7 @@ import re
 import time
 
 import numpy as np
+import torch
 import pytest
 
 import mttlss
@@ -108,3 +109,16 @@ def test_quickstart_fast_end_to_end(tmp_path):
     assert methods["random real"]["stored_floats"] == 640
     assert (tmp_path / "qs" / "report.md").exists()
     assert seconds < 300, f"quickstart --fast took {seconds:.0f} s"
+
+
+def test_export_ddranking_rewhitens_with_a_full_train_zca(capsys, tmp_path):
+    art = tmp_path / "zca.safetensors"
+    code, _, err = run(capsys, "random", "--dataset", "digits", "--ipc", "1", "--zca", "--out", str(art))
+    assert code == 0, err
+    code, out, err = run(capsys, "export", str(art), "--format", "ddranking", "--full-train-zca", "--out", str(tmp_path / "dd"))
+    assert code == 0, err
+    sidecar = json.loads((tmp_path / "dd" / "export.json").read_text())
+    assert sidecar["zca_refit"] is True
+    images = torch.load(tmp_path / "dd" / "images.pt", weights_only=True)
+    original = mttlss.load(art).images()
+    assert images.shape == original.shape and not torch.allclose(images, original)  # really re-whitened

@@ -57,7 +57,10 @@ def cmd_experts(args) -> int:
                        dsa=not args.no_dsa, seed=args.seed, channels_last=args.fast, bf16=args.fast or args.bf16,
                        compile=args.fast or args.compile, device=args.device)
     experts = train_experts(cfg, args.out, workers=args.workers)
-    _print_expert_validity(experts)
+    from mttlss.distributed import init_distributed
+
+    if init_distributed().is_main:  # under torchrun, one rank reports
+        _print_expert_validity(experts)
     return 0
 
 
@@ -183,7 +186,15 @@ def cmd_info(args) -> int:
 def cmd_export(args) -> int:
     from mttlss.export import export
 
-    for p in export(args.artifact, fmt=args.format, out_dir=args.out):
+    full_train_zca = None
+    if args.full_train_zca:  # DD-Ranking whitens with a ZCA fitted on the FULL training split: re-whiten to match
+        from mttlss.artifact import read_manifest
+        from mttlss.data import Preprocessor, load_dataset
+
+        ds = read_manifest(args.artifact)["dataset"]
+        data = load_dataset(ds["name"], data_root=args.data_root or ds.get("data_root"), val_fraction=0.0)
+        full_train_zca = Preprocessor.fit("zca", data.x_train, dataset=ds["name"], fitted_on="full-train")
+    for p in export(args.artifact, fmt=args.format, out_dir=args.out, full_train_preprocessor=full_train_zca):
         print(p)
     return 0
 
@@ -314,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write ddranking / imagefolder / npz")
     p.add_argument("artifact")
     p.add_argument("--format", required=True, choices=["ddranking", "imagefolder", "npz"])
+    p.add_argument("--full-train-zca", action="store_true",
+                   help="ddranking, ZCA artifacts: re-whiten with a ZCA fitted on the full training split, as DD-Ranking does")
+    p.add_argument("--data-root", default=None)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
 

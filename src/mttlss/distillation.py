@@ -113,9 +113,8 @@ def init_synthetic(cfg, data, x_train, model, layout, experts, device) -> tuple[
     budget = _budget(cfg, data)
     gen = torch.Generator().manual_seed(cfg.seed)
     candidates = None
-    if cfg.init == "correct":  # real images that the first expert's final checkpoint classifies correctly (DATM)
-        final = experts.checkpoints(experts.indices[0], [experts.epochs])[0]
-        candidates = correct_candidates(model, layout, final, x_train, data.y_train.to(device), data.num_classes)
+    if cfg.init == "correct":
+        candidates = _correct_candidates(experts, model, layout, x_train, data, budget.images_per_class, device)
     x_cpu, y_cpu = x_train.cpu(), data.y_train.cpu()
     shape = (data.channels, *data.image_size)
     info: dict[str, Any] = {"budget": budget.as_dict()}
@@ -135,6 +134,20 @@ def init_synthetic(cfg, data, x_train, model, layout, experts, device) -> tuple[
                 p.normal_(generator=gen)
     assert syn.image_shape == shape
     return syn.to(device), info
+
+
+def _correct_candidates(experts, model, layout, x_train, data, needed: int, device) -> list[torch.Tensor]:
+    """Per class, real images an expert's final checkpoint classifies correctly (DATM); when a class has fewer
+    than ``needed``, the next expert's correct images are added (the parameterisation tops up the rest)."""
+    y = data.y_train.to(device)
+    pooled: list[torch.Tensor] | None = None
+    for k in experts.indices:
+        final = experts.checkpoints(k, [experts.epochs])[0]
+        found = correct_candidates(model, layout, final, x_train, y, data.num_classes)
+        pooled = found if pooled is None else [torch.unique(torch.cat([a, b])) for a, b in zip(pooled, found)]
+        if all(len(c) >= needed for c in pooled):
+            break
+    return pooled
 
 
 def _optimizers(cfg: DistillConfig, syn: SyntheticSet, label_logits, syn_lr) -> dict[str, torch.optim.Optimizer]:

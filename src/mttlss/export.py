@@ -83,7 +83,7 @@ def _export_ddranking(art: Artifact, out: Path, full_train_pre) -> list[Path]:
         else:
             zca_note = (f"exported in OUR ZCA space (fitted on {fitted_on!r}); DD-Ranking refits ZCA on the full "
                         f"train split, so its whitening differs slightly. Pass full_train_preprocessor "
-                        f"(a ZCA fitted on the full train split) to convert.")
+                        f"(a ZCA fitted on the full train split; `mttlss export --full-train-zca`) to convert.")
     elif space == "normalized":
         pre = art.manifest.get("preprocessing", {})
         zca_note = (f"mean/std normalised space (mean={pre.get('mean')}, std={pre.get('std')}); run DD-Ranking "
