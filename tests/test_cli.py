@@ -122,3 +122,18 @@ def test_export_ddranking_rewhitens_with_a_full_train_zca(capsys, tmp_path):
     images = torch.load(tmp_path / "dd" / "images.pt", weights_only=True)
     original = mttlss.load(art).images()
     assert images.shape == original.shape and not torch.allclose(images, original)  # really re-whitened
+
+
+def test_distill_command_keeps_the_presets_param_and_applies_overrides(capsys, tmp_path, experts_dir):
+    sets = ["ipc=1", "syn_steps=3", "iterations=4", "max_start_epoch=3", "current_max_start_epoch=2",
+            "expansion_end_epoch=4", "eval_every=0", "select_on=none", "grid_every=0", "batch_syn=null",
+            "min_start_epoch=0", "init=real"]
+    argv = ["distill", "--experts", str(experts_dir), "--preset", "cifar10_ipc1_pixel", "--out", str(tmp_path / "run")]
+    for item in sets:
+        argv += ["--set", item]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    art = mttlss.load(tmp_path / "run" / "synthetic.safetensors")
+    assert art.manifest["synthetic"]["type"] == "pixel"  # the preset's param, not the flag's default
+    assert art.manifest["config"]["syn_steps"] == 3 and art.manifest["selection"]["select_on"] == "none"
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 4
