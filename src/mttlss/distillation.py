@@ -378,26 +378,27 @@ def distill(config: DistillConfig, *, experts: str | Path | ExpertSet, out: str 
     if has_buffers(model):
         raise DistillError(f"model {experts.model['name']} has buffers (BatchNorm); trajectory matching needs a buffer-free "
                            "network such as convnet with instancenorm")
-    x_train = pre(data.x_train.to(device))  # [N, C, H, W] training space
-    x_val = pre(data.x_val.to(device))
+    x_val = pre(data.x_val.to(device))  # [N_val, C, H, W] training space
     dsa_config = DSAConfig(strategy=cfg.dsa_strategy) if cfg.dsa else None
     out = Path(out) if out is not None else None
 
     resumed = load_checkpoint(out, cfg, device, experts) if out is not None else None
-    state, info = resumed if resumed else _fresh_state(cfg, data, x_train, model, layout, experts, device)
+    if resumed:
+        state, info = resumed
+    else:  # the training images are only needed to initialise (whitening 45k CIFAR images takes ~30 s on a CPU)
+        x_train = pre(data.x_train.to(device))  # [N, C, H, W] training space
+        state, info = _fresh_state(cfg, data, x_train, model, layout, experts, device)
+        del x_train
+        if cfg.select_on == "val" and len(x_val) and cfg.iterations > 0:
+            # the initialisation competes too: the selected set is never worse on validation than where it started
+            info["init_val_acc"] = validate(cfg, state, model_spec=experts.model, data=data, x_val=x_val, device=device)
+            state.best = {"iteration": 0, "val_acc": info["init_val_acc"], **_snapshot(state)}
     description = state.synthetic.describe()
     history = _truncate_log(out / LOG, state.iteration) if out is not None else []
     writer = _tensorboard(cfg, out)
     if out is not None and not resumed:
         out.mkdir(parents=True, exist_ok=True)
         save_checkpoint(out, cfg, state, description, info, experts)
-
-    if not resumed and cfg.select_on == "val" and len(x_val) and cfg.iterations > 0:
-        # the initialisation competes too: the selected set is never worse on validation than where it started
-        info["init_val_acc"] = validate(cfg, state, model_spec=experts.model, data=data, x_val=x_val, device=device)
-        state.best = {"iteration": 0, "val_acc": info["init_val_acc"], **_snapshot(state)}
-        if out is not None:
-            save_checkpoint(out, cfg, state, description, info, experts)
 
     bar = None
     if progress:
@@ -484,15 +485,10 @@ def _save_grid(path: Path, state: DistillState | None, pre: Preprocessor, data: 
 
         syn = syn if syn is not None else state.synthetic
         with torch.no_grad():
-            images = pre.inverse(syn.decode().to(pre_device(pre))).cpu()
+            images = pre.to("cpu").inverse(syn.decode().cpu())  # pictures are drawn on the CPU
         save_grid(images, syn.labels_hard(), data.class_names, path)
     except Exception as exc:
         print(f"warning: could not draw the image grid: {exc}", file=sys.stderr)
-
-
-def pre_device(pre: Preprocessor) -> torch.device:
-    tensors = list(pre.state_dict().values())
-    return tensors[0].device if tensors else torch.device("cpu")
 
 
 def _tensorboard(cfg: DistillConfig, out: Path | None):

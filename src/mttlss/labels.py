@@ -50,8 +50,3 @@ def init_soft_labels(
     mean_correct = total / hits.clamp(min=1)[:, None]
     mean_all = all_sum / len(final_params)
     return torch.where(hits[:, None] > 0, mean_correct, mean_all).float()
-
-
-def one_hot_logits(y: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Hard labels as a float one-hot [n, classes] (for code paths that want a target distribution)."""
-    return torch.nn.functional.one_hot(y, num_classes).float()
