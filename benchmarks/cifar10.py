@@ -88,6 +88,14 @@ def build_experts(plan: dict, out: Path, device: str | None):
     return train_experts(cfg, out / "experts")
 
 
+def load_real(experts):
+    """CIFAR-10 with the experts' own train/validation split (distillation must never see their validation images)."""
+    from mttlss.data import load_dataset
+
+    split = experts.dataset["split"]
+    return load_dataset(f"npz:{DATA}", val_fraction=split["val_fraction"], val_max=split["val_max"], split_seed=split["seed"])
+
+
 def distill_config(plan: dict, ipc: int, param: str, **extra):
     from mttlss.config import resolve_config
 
@@ -128,7 +136,6 @@ def main() -> int:
 
     from mttlss.artifact import read_manifest
     from mttlss.baselines import random_real_artifact
-    from mttlss.data import load_dataset
     from mttlss.io_utils import atomic_write_json, atomic_write_text
 
     plan = SCALES[args.scale]
@@ -140,8 +147,7 @@ def main() -> int:
     expert_seconds = time.time() - t0
     validity = experts.validity()
     stage(f"experts done in {expert_seconds:.0f}s, val acc {[round(v['final_val_acc'], 3) for v in validity]}")
-    split = experts.dataset["split"]
-    data = load_dataset(f"npz:{DATA}", val_fraction=split["val_fraction"], val_max=split["val_max"], split_seed=split["seed"])
+    data = load_real(experts)
 
     rows = []
     for ipc in args.ipcs:

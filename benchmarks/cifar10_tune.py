@@ -9,7 +9,7 @@ settings for that IPC (so ``'{}'`` is exactly what the benchmark runs). Validati
 300-budget-epoch recipe on the held-out split the experts never saw; the test split is never touched.
 It needs the benchmark's experts (run ``python benchmarks/cifar10.py`` once, or let this script train them).
 Variants run one after another (never two at once: they would slow each other down). Results:
-``<out>/tune_ipc<k>.json`` and a table on stdout.
+``<out>/cpu/tune_ipc<k>_<param>.json`` and a table on stdout.
 """
 
 from __future__ import annotations
@@ -35,16 +35,13 @@ def main() -> int:
     ap.add_argument("--out", default=str(cifar10.ROOT / "benchmarks" / "out" / "cifar10"))
     args = ap.parse_args()
 
-    from mttlss.data import load_dataset
     from mttlss.distillation import distill
     from mttlss.io_utils import atomic_write_json
 
     plan = cifar10.SCALES["cpu"]
     out = Path(args.out) / "cpu"
     experts = cifar10.build_experts(plan, out, None)
-    split = experts.dataset["split"]
-    data = load_dataset(experts.dataset["name"], val_fraction=split["val_fraction"], val_max=split["val_max"],
-                        split_seed=split["seed"])
+    data = cifar10.load_real(experts)
     rows = []
     for name, overrides in args.variant:
         extra = {"iterations": args.iterations, "eval_every": args.eval_every, **json.loads(overrides)}
