@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import mttlss
 from mttlss import matching
 from mttlss.config import resolve_config
-from mttlss.distillation import DistillError, distill, expert_for_iteration
+from mttlss.distillation import DistillError, distill, expert_for_iteration, lr_factor
 from mttlss.experts import ExpertSet
 from mttlss.matching import ParamLayout, batch_schedule, soft_label_loss, trajectory_loss, unroll_student
 from mttlss.models import build_model
@@ -61,10 +61,12 @@ def test_lowrank_matching_loss_goes_down(experts, tmp_path):
     assert not any(rec["skipped"] for rec in r.history)
 
 
-def test_resume_equals_uninterrupted(experts, tmp_path):
-    cfg = tiny(iterations=12)
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_resume_equals_uninterrupted(experts, tmp_path, schedule):
+    cfg = tiny(iterations=12, lr_schedule=schedule)
     a = distill(cfg, experts=experts, out=tmp_path / "a", progress=False)
-    stopped = distill(tiny(iterations=12, stop_after=5), experts=experts, out=tmp_path / "b", progress=False)
+    stopped = distill(tiny(iterations=12, stop_after=5, lr_schedule=schedule), experts=experts, out=tmp_path / "b",
+                      progress=False)
     assert stopped.artifact is None and len(stopped.history) == 5
     assert not (tmp_path / "b" / "synthetic.safetensors").exists()
     b = distill(cfg, experts=experts, out=tmp_path / "b", progress=False)
@@ -80,6 +82,20 @@ def test_resume_equals_uninterrupted(experts, tmp_path):
     assert [r["iteration"] for r in log_b] == list(range(12))
     assert [r["loss"] for r in log_b] == pytest.approx([r["loss"] for r in log_a], abs=1e-6)
     assert [r["expert"] for r in log_b] == [r["expert"] for r in log_a]
+
+
+def test_lr_factor_cosine_decays_to_zero():
+    assert lr_factor("constant", 7, 10) == 1.0
+    cosine = [lr_factor("cosine", i, 10) for i in range(11)]
+    assert cosine[0] == 1.0 and cosine[5] == pytest.approx(0.5) and cosine[10] == pytest.approx(0.0, abs=1e-12)
+    assert all(a > b for a, b in zip(cosine, cosine[1:]))
+
+
+def test_cosine_schedule_is_applied_and_logged(experts):
+    r = distill(tiny(iterations=8, lr_schedule="cosine", select_on="none"), experts=experts, out=None, progress=False)
+    factors = [rec["lr_factor"] for rec in r.history if not rec["skipped"]]
+    assert factors == pytest.approx([lr_factor("cosine", rec["iteration"], 8) for rec in r.history if not rec["skipped"]])
+    assert factors[0] == 1.0 and factors[-1] < 0.1
 
 
 def test_resume_with_other_settings_is_refused(experts, tmp_path):

@@ -54,6 +54,7 @@ class DistillConfig:
     lr_img: float = 100.0             # eta_x: pixels (pixel set) or codes (lowrank), SGD momentum 0.5
     lr_mapper: float | None = None    # dimension mappers; None: lr_img / images per subspace (a mapper's grad sums over them)
     momentum_img: float = 0.5
+    lr_schedule: str = "constant"     # "constant" (the field) | "cosine": lr_img, mappers and lr_y decay to 0 at `iterations`
     threshold: float = 1.0            # tau: skip the update when L > tau (student ended farther than it started)
     max_consecutive_skips: int = 200  # then stop with a message naming the knobs
     dsa: bool = True                  # DSA inside every inner step (and in evaluation)
@@ -82,6 +83,7 @@ class DistillConfig:
         _choice("init", self.init, ("correct", "real", "noise"))
         _choice("select_on", self.select_on, ("val", "none"))
         _choice("eval_epoch_mode", self.eval_epoch_mode, ("decoded", "budget"))
+        _choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
         for name in ("ipc", "rank", "syn_steps", "expert_epochs", "num_subspaces", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

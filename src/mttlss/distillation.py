@@ -164,7 +164,28 @@ def _optimizers(cfg: DistillConfig, syn: SyntheticSet, label_logits, syn_lr) -> 
     }
     if label_logits is not None:
         opts["labels"] = torch.optim.SGD([label_logits], lr=cfg.lr_y, momentum=cfg.label_momentum)
+    for opt in opts.values():  # the schedule's base (the name torch's own lr schedulers use)
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
     return opts
+
+
+def lr_factor(schedule: str, iteration: int, iterations: int) -> float:
+    """Multiplier on the synthetic set's and the labels' learning rates at outer iteration ``iteration``."""
+    if schedule == "constant" or iterations <= 0:
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(iteration, iterations) / iterations))  # cosine: 1 at 0, 0 at the end
+
+
+def _schedule_lrs(cfg: DistillConfig, state: DistillState) -> float:
+    """Set this iteration's learning rates from each group's ``initial_lr`` (alpha's own lr, eta_alpha, is not
+    scheduled) and return the factor. A function of the iteration alone, so a resumed run continues the schedule."""
+    factor = lr_factor(cfg.lr_schedule, state.iteration, cfg.iterations)
+    for name, opt in state.optimizers.items():
+        if name != "lr":
+            for group in opt.param_groups:
+                group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
+    return factor
 
 
 def _fresh_state(cfg, data, x_train, model, layout, experts, device) -> tuple[DistillState, dict]:
@@ -249,6 +270,7 @@ def outer_step(cfg: DistillConfig, state: DistillState, *, model, layout: ParamL
     grads = [p.grad for opt in state.optimizers.values() for g in opt.param_groups for p in g["params"] if p.grad is not None]
     if not all(torch.isfinite(g).all() for g in grads):
         raise DistillError(f"non-finite gradient at iteration {i}; lower lr_img / lr_lr / syn_steps and start again with a new --out")
+    record["lr_factor"] = _schedule_lrs(cfg, state)
     for opt in state.optimizers.values():
         opt.step()
     with torch.no_grad():  # alpha stays a positive step size (users saw it go negative or explode without this)
