@@ -8,8 +8,9 @@ Each variant is a JSON object of DistillConfig overrides applied on top of ``ben
 settings for that IPC (so ``'{}'`` is exactly what the benchmark runs). Validation uses the benchmark's
 300-budget-epoch recipe on the held-out split the experts never saw; the test split is never touched.
 It needs the benchmark's experts (run ``python benchmarks/cifar10.py`` once, or let this script train them).
-Variants run one after another (never two at once: they would slow each other down). Results:
-``<out>/cpu/tune_ipc<k>_<param>.json`` and a table on stdout.
+Variants run one after another (never two at once: they would slow each other down). Results: a table on
+stdout, and ``<out>/cpu/tune_ipc<k>_<param>.json``, which keeps the rows of earlier invocations (a variant run
+again under the same name replaces its row).
 """
 
 from __future__ import annotations
@@ -36,13 +37,11 @@ def main() -> int:
     args = ap.parse_args()
 
     from mttlss.distillation import distill
-    from mttlss.io_utils import atomic_write_json
 
     plan = cifar10.SCALES["cpu"]
     out = Path(args.out) / "cpu"
     experts = cifar10.build_experts(plan, out, None)
     data = cifar10.load_real(experts)
-    rows = []
     for name, overrides in args.variant:
         extra = {"iterations": args.iterations, "eval_every": args.eval_every, **json.loads(overrides)}
         cfg = cifar10.distill_config(plan, args.ipc, args.param, **extra)
@@ -51,17 +50,24 @@ def main() -> int:
         result = distill(cfg, experts=experts, out=None, data=data, progress=False)
         curve = [[0, result.init_info.get("init_val_acc")]] + [[h["iteration"] + 1, h["val_acc"]] for h in result.history if "val_acc" in h]
         losses = [h["loss"] for h in result.history]
-        row = {"variant": name, "overrides": extra, "val_curve": curve, "final_alpha": result.history[-1]["syn_lr"],
+        row = {"variant": name, "date": time.strftime("%Y-%m-%d"), "overrides": extra, "val_curve": curve,
+               "final_alpha": result.history[-1]["syn_lr"],
                "skipped_updates": sum(h["skipped"] for h in result.history),
                "loss_first_20": sum(losses[:20]) / max(1, len(losses[:20])),
                "loss_last_20": sum(losses[-20:]) / max(1, len(losses[-20:])), "seconds": round(time.time() - t0, 1)}
-        rows.append(row)
         print(f"{name:>20}  " + "  ".join(f"{it}:{100 * acc:.2f}" for it, acc in curve if acc is not None)
               + f"  alpha {row['final_alpha']:.4f}  skips {row['skipped_updates']}  {row['seconds']:.0f}s", flush=True)
-    atomic_write_json(out / f"tune_ipc{args.ipc}_{args.param}.json",
-                      {"ipc": args.ipc, "param": args.param, "date": time.strftime("%Y-%m-%d"),
-                       "machine": cifar10.machine(), "rows": rows})
+        _record(out / f"tune_ipc{args.ipc}_{args.param}.json", args, row)  # after each variant: a kill loses one at most
     return 0
+
+
+def _record(path: Path, args, row: dict) -> None:
+    """Add ``row`` to the file, keeping earlier invocations' rows; a variant run again replaces its own row."""
+    from mttlss.io_utils import atomic_write_json
+
+    earlier = json.loads(path.read_text())["rows"] if path.exists() else []
+    atomic_write_json(path, {"ipc": args.ipc, "param": args.param, "machine": cifar10.machine(),
+                             "rows": [r for r in earlier if r["variant"] != row["variant"]] + [row]})
 
 
 if __name__ == "__main__":
