@@ -184,7 +184,7 @@ def _schedule_lrs(cfg: DistillConfig, state: DistillState) -> float:
     for name, opt in state.optimizers.items():
         if name != "lr":
             for group in opt.param_groups:
-                group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
+                group["lr"] = group["initial_lr"] * factor
     return factor
 
 
