@@ -21,7 +21,6 @@ Results: ``<out>/results.json`` and ``<out>/results.md``; every stage is resumab
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -92,14 +91,6 @@ def build_experts(plan: dict, out: Path, device: str | None):
     return train_experts(cfg, out / "experts")
 
 
-def load_real(experts):
-    """CIFAR-10 with the experts' own train/validation split (distillation must never see their validation images)."""
-    from mttlss.data import load_dataset
-
-    split = experts.dataset["split"]
-    return load_dataset(f"npz:{DATA}", val_fraction=split["val_fraction"], val_max=split["val_max"], split_seed=split["seed"])
-
-
 def distill_config(plan: dict, ipc: int, param: str, **extra):
     from mttlss.config import resolve_config
 
@@ -120,7 +111,8 @@ def run_distill(cfg, experts, out: Path, data) -> tuple[Path, float]:
 
 
 def evaluate(path: Path, plan: dict, data, device) -> dict:
-    from mttlss.evaluate import EvalRecipe, evaluate_artifact
+    from mttlss.evaluate import evaluate_artifact
+    from mttlss.training import EvalRecipe
 
     e = plan["eval"]
     recipe = EvalRecipe(name=f"bench-{e['epochs']}", epochs=e["epochs"], batch_size=e["batch_size"], epoch_mode=e["epoch_mode"])
@@ -140,6 +132,7 @@ def main() -> int:
 
     from mttlss.artifact import read_manifest
     from mttlss.baselines import random_real_artifact
+    from mttlss.data import load_recorded
     from mttlss.io_utils import atomic_write_json, atomic_write_text
 
     plan = SCALES[args.scale]
@@ -151,7 +144,7 @@ def main() -> int:
     expert_seconds = time.time() - t0
     validity = experts.validity()
     stage(f"experts done in {expert_seconds:.0f}s, val acc {[round(v['final_val_acc'], 3) for v in validity]}")
-    data = load_real(experts)
+    data = load_recorded(experts.dataset)  # the experts' own train/validation split: distillation never sees their validation images
 
     rows = []
     for ipc in args.ipcs:

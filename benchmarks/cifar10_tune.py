@@ -36,12 +36,13 @@ def main() -> int:
     ap.add_argument("--out", default=str(cifar10.ROOT / "benchmarks" / "out" / "cifar10"))
     args = ap.parse_args()
 
+    from mttlss.data import load_recorded
     from mttlss.distillation import distill
 
     plan = cifar10.SCALES["cpu"]
     out = Path(args.out) / "cpu"
     experts = cifar10.build_experts(plan, out, None)
-    data = cifar10.load_real(experts)
+    data = load_recorded(experts.dataset)  # the experts' own train/validation split
     for name, overrides in args.variant:
         extra = {"iterations": args.iterations, "eval_every": args.eval_every, **json.loads(overrides)}
         cfg = cifar10.distill_config(plan, args.ipc, args.param, **extra)

@@ -9,7 +9,6 @@ and reports accuracy on the VALIDATION split (this is how the quickstart's rank 
 
 from __future__ import annotations
 
-import statistics
 import sys
 from pathlib import Path
 
@@ -21,11 +20,13 @@ CONFIGS = [(2, "shared", "full"), (2, "per_class", "full"), (3, "shared", "full"
 
 
 def main() -> int:
-    from mttlss.data import Preprocessor, load_dataset
-    from mttlss.evaluate import evaluate_synthetic, get_recipe
+    from mttlss.data import load_dataset
+    from mttlss.evaluate import get_recipe
     from mttlss.io_utils import atomic_write_json
     from mttlss.models import model_spec
     from mttlss.parameterization import BudgetError, LowRankSet, PixelSet, solve_budget
+    from mttlss.preprocessing import Preprocessor
+    from mttlss.training import evaluate_synthetic
 
     data = load_dataset("digits")
     pre = Preprocessor.fit("normalize", data.x_train, dataset="digits")

@@ -75,7 +75,7 @@ def accuracy_check(data, pre, spec, variant, *, epochs, subset) -> float:
 
     cfg = ExpertConfig(dataset=data.name, model=spec, epochs=epochs, **variant)
     small = type(data)(**{**data.__dict__, "x_train": data.x_train[:subset], "y_train": data.y_train[:subset]})
-    return float(train_expert(0, cfg, small, pre, device="cpu")["val_acc"][-1])
+    return float(train_expert(0, cfg, data=small, pre=pre, device="cpu")["val_acc"][-1])
 
 
 def main() -> int:
@@ -90,9 +90,10 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "expert_throughput.json"))
     args = ap.parse_args()
 
-    from mttlss.data import Preprocessor, load_dataset
+    from mttlss.data import load_dataset
     from mttlss.io_utils import atomic_write_json
     from mttlss.models import model_spec
+    from mttlss.preprocessing import Preprocessor
 
     data = load_dataset(f"npz:{DATA}")
     pre = Preprocessor.fit("normalize", data.x_train, dataset="cifar10")

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 import mttlss
 from mttlss.artifact import ArtifactError, add_results, format_manifest, load, read_manifest, save_artifact
-from mttlss.data import Preprocessor
+from mttlss.preprocessing import Preprocessor
 from mttlss.parameterization import LowRankSet, PixelSet
 
 NUM_CLASSES, SHAPE = 3, (3, 8, 8)

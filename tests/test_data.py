@@ -11,14 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from mttlss.data import (
-    NORMALIZATION,
-    DatasetError,
-    Preprocessor,
-    RealData,
-    load_dataset,
-    stratified_split,
-)
+from mttlss.data import DatasetError, RealData, dataset_record, load_dataset, load_recorded, split_arguments, stratified_split
+from mttlss.preprocessing import NORMALIZATION, Preprocessor
 
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10.npz"
 
@@ -74,7 +68,7 @@ def test_cifar10_pickles_read_through_torchvision(tmp_path):
     data = load_dataset("cifar10", data_root=str(tmp_path), download=False, val_fraction=0.2, split_seed=3)
     assert data.class_names == names and data.num_classes == 10
     assert data.channels == 3 and data.image_size == (32, 32)
-    assert data.split == {"val_fraction": 0.2, "val_max": 5000, "seed": 3, "n_train": 80, "n_val": 20, "n_test": 20}
+    assert data.split == {"val_fraction": 0.2, "val_max": 5000, "split_seed": 3, "n_train": 80, "n_val": 20, "n_test": 20}
     assert data.x_train.dtype == torch.float32 and data.y_train.dtype == torch.int64
     assert data.x_train.shape == (80, 3, 32, 32) and data.x_val.shape == (20, 3, 32, 32)
     assert data.x_test.shape == (20, 3, 32, 32)
@@ -367,3 +361,17 @@ def test_realdata_class_indices_and_properties():
     assert d.num_classes == 3 and d.channels == 1 and d.image_size == (2, 3)
     assert [t.tolist() for t in d.class_indices()] == [[0, 4], [3], [1, 2]]
     assert [t.numel() for t in d.class_indices("val")] == [0, 0, 0]
+
+
+def test_load_recorded_reads_the_split_record_old_and_new():
+    data = load_dataset("digits", val_fraction=0.2, val_max=100, split_seed=5)
+    record = json.loads(json.dumps(dataset_record(data, data_root=None)))  # as a manifest holds it
+    assert record["split"]["split_seed"] == 5 and record["name"] == "digits"
+    # manifests written before the split seed was recorded under load_dataset's argument name call it "seed"
+    old = {**record, "split": {("seed" if k == "split_seed" else k): v for k, v in record["split"].items()}}
+    for r in (record, old):
+        again = load_recorded(r)
+        assert torch.equal(again.x_val, data.x_val) and torch.equal(again.y_train, data.y_train)
+    assert split_arguments({"val_fraction": 0.1, "seed": 3, "n_val": 9}) == {"val_fraction": 0.1, "split_seed": 3}
+    with pytest.raises(ValueError, match="no name"):
+        load_recorded({"split": record["split"]})

@@ -5,12 +5,12 @@ import torch
 import torch.nn.functional as F
 
 import mttlss
-from mttlss import matching
 from mttlss.config import resolve_config
 from mttlss.distillation import DistillError, distill, expert_for_iteration, lr_factor
 from mttlss.experts import ExpertSet
-from mttlss.matching import ParamLayout, batch_schedule, soft_label_loss, trajectory_loss, unroll_student
-from mttlss.models import build_model
+from mttlss.matching import batch_schedule, trajectory_loss, unroll_student
+from mttlss.models import ParamLayout, build_model
+from mttlss.training import soft_label_loss
 
 
 def tiny(**kw):

@@ -5,19 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mttlss.evaluate import (
-    RECIPES,
-    EvalRecipe,
-    evaluate_accuracy,
-    evaluate_artifact,
-    evaluate_full_data,
-    evaluate_synthetic,
-    format_results,
-    get_recipe,
-    soft_cross_entropy,
-    train_and_test,
-)
+from mttlss.evaluate import RECIPES, evaluate_artifact, evaluate_full_data, format_results, get_recipe
 from mttlss.models import build_model, model_spec
+from mttlss.training import EvalRecipe, evaluate_accuracy, evaluate_synthetic, soft_cross_entropy, train_and_test
 
 SPEC = model_spec("convnet", width=16, depth=2)
 

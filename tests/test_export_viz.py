@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from mttlss.artifact import load, save_artifact
-from mttlss.data import Preprocessor
+from mttlss.preprocessing import Preprocessor
 from mttlss.export import export
 from mttlss.parameterization import LowRankSet, PixelSet
 from mttlss.viz import plot_curves, save_grid, show_artifact

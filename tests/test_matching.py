@@ -4,18 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mttlss.matching import (
-    ParamLayout,
-    batch_schedule,
-    flatten_params,
-    sample_start_epoch,
-    soft_label_loss,
-    start_epoch_upper,
-    trajectory_loss,
-    unroll_student,
-)
-from mttlss.models import build_model, model_spec
+from mttlss.matching import batch_schedule, sample_start_epoch, start_epoch_upper, trajectory_loss, unroll_student
+from mttlss.models import ParamLayout, build_model, flatten_params, model_spec
 from mttlss.parameterization import LowRankSet
+from mttlss.training import soft_label_loss
 
 
 def tiny_model(dtype=torch.float32, seed=0):

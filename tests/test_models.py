@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from mttlss.models import (MODELS, ConvNet, build_model, has_buffers, model_spec, num_parameters,
-                           parameter_layout)
+from mttlss.models import MODELS, ConvNet, ParamLayout, build_model, has_buffers, model_spec
 
 
 def _convnet(**kw):
@@ -13,16 +12,16 @@ def _convnet(**kw):
 
 @pytest.mark.parametrize("classes, expected", [(10, 320_010), (100, 504_420)])
 def test_convnet3_parameter_count(classes, expected):
-    assert num_parameters(_convnet(num_classes=classes)) == expected
+    assert ParamLayout.of(_convnet(num_classes=classes)).num_params == expected
 
 
 def test_convnet_parameter_names_match_mtt_order():
-    names = [n for n, _ in parameter_layout(_convnet())]
+    names = [n for n, _ in ParamLayout.of(_convnet()).as_list()]
     assert names == ["features.0.weight", "features.0.bias", "features.1.weight", "features.1.bias",
                      "features.4.weight", "features.4.bias", "features.5.weight", "features.5.bias",
                      "features.8.weight", "features.8.bias", "features.9.weight", "features.9.bias",
                      "classifier.weight", "classifier.bias"]
-    layout = dict(parameter_layout(_convnet()))
+    layout = dict(ParamLayout.of(_convnet()).as_list())
     assert layout["classifier.weight"] == [10, 2048]
     assert layout["features.0.weight"] == [128, 3, 3, 3]
 

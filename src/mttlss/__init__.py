@@ -1,7 +1,25 @@
 """mttlss: dataset distillation by Matching Training Trajectories with Low-rank Space Sampling (MTT-LSS).
 
-The pipeline, one module per stage: data -> models / augment -> experts -> parameterization + labels ->
-matching -> distillation -> evaluate -> artifact / export / viz; ``cli`` is a thin layer on top.
+The pipeline, one module per stage; each module uses only modules above it in this list:
+
+    config          every distillation knob and the allowed values of each option (one dataclass)
+    data            real datasets, the validation split, the manifest's dataset record and its loader
+    preprocessing   pixel space <-> training space (mean/std normalisation, ZCA)
+    models          networks, their registry, and the flat parameter layout [P] of trajectories
+    augment         DSA (differentiable siamese augmentation)
+    training        losses, one epoch, accuracy, one or several seeded networks trained and tested
+    experts         expert trajectories: train, store, read
+    parameterization  pixel / low-rank synthetic sets and the storage-budget solver
+    labels          hard / learnable soft labels and their initialisation from the experts
+    initialization  the synthetic set's starting point (budget, correctly classified real images)
+    matching        the functional student unroll, the trajectory loss, the start-epoch window
+    artifact        the self-describing artifact file
+    viz             pictures: image grids, dimension mappers and codes, training curves
+    evaluate        the evaluation protocol: named recipes, artifacts, the full-data bound, reports
+    records         where a run's per-iteration records go (log.jsonl, progress bar, TensorBoard)
+    distillation    the outer loop
+    baselines, export, quickstart   random real images at the same storage, other tools' formats, the demo
+    cli             a thin layer on top (io_utils and distributed are small utilities used throughout)
 
     import mttlss
     cfg = mttlss.resolve_config(preset="cifar10_ipc1_lowrank")
@@ -9,7 +27,12 @@ matching -> distillation -> evaluate -> artifact / export / viz; ``cli`` is a th
     art = mttlss.load("runs/c10_ipc1/synthetic.safetensors")
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:  # the version is defined once, in pyproject.toml; set before the imports below, which record it
+    __version__ = version("mttlss")
+except PackageNotFoundError:  # imported from a source tree that was never installed (pip install -e .)
+    __version__ = "0+unknown"
 
 from mttlss.artifact import Artifact, load, save_artifact  # noqa: E402
 from mttlss.config import DistillConfig, resolve_config  # noqa: E402

@@ -18,7 +18,6 @@ Layout of ``<name>.safetensors`` (e.g. ``cifar10_ipc1.safetensors``):
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -27,10 +26,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+import safetensors  # used as safetensors.safe_open, so a test can watch what read_manifest opens
 import torch
 import torch.utils.data
 
+from mttlss import __version__
 from mttlss.io_utils import atomic_save_safetensors
+from mttlss.parameterization import build_synthetic_set
+from mttlss.preprocessing import Preprocessor
 
 FORMAT = "mttlss-artifact"
 FORMAT_VERSION = 1
@@ -73,8 +76,6 @@ def git_revision() -> str | None:
 
 
 def provenance() -> dict:
-    from mttlss import __version__
-
     return {
         "mttlss_version": __version__,
         "torch_version": torch.__version__,
@@ -233,11 +234,9 @@ def _parse_manifest(path: Path, metadata: dict | None) -> dict:
 
 def read_manifest(path) -> dict:
     """The manifest alone, from the file header (no tensor is loaded)."""
-    from safetensors import safe_open
-
     path = _check_path(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safetensors.safe_open(str(path), framework="pt") as f:
             metadata = f.metadata()
     except Exception as exc:  # safetensors raises its own error types (and OSError) for bad headers
         raise _damaged(path, exc) from exc
@@ -245,11 +244,9 @@ def read_manifest(path) -> dict:
 
 
 def _read_all(path) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors import safe_open
-
     path = _check_path(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safetensors.safe_open(str(path), framework="pt") as f:
             metadata = f.metadata()
             manifest = _parse_manifest(path, metadata)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -339,9 +336,6 @@ class Artifact:
 
 def load(path) -> Artifact:
     """Load an artifact file written by :func:`save_artifact`; raises ArtifactError for unusable files."""
-    from mttlss.data import Preprocessor
-    from mttlss.parameterization import build_synthetic_set
-
     manifest, tensors = _read_all(path)
     path = Path(path)
     state = {k[len(SYNTHETIC_PREFIX):]: v for k, v in tensors.items() if k.startswith(SYNTHETIC_PREFIX)}

@@ -60,8 +60,9 @@ def _rand(n: int, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
     return torch.rand(n, generator=g).to(device=x.device, dtype=x.dtype)
 
 
-def _randint(low: int, high: int, n: int, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
-    return torch.randint(low, high, (n,), generator=g).to(x.device)
+def _randint(low: int, high: int, *, n: int, like: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+    """[n] integers in [low, high) drawn on the CPU with ``g``, moved to ``like``'s device."""
+    return torch.randint(low, high, (n,), generator=g).to(like.device)
 
 
 def _px(ratio: float, size: int) -> int:
@@ -87,8 +88,8 @@ def _crop(x, cfg, g):
     # out-of-range source index to the padding. Indexing is differentiable (a scatter-add backward).
     n, _, h, w = x.shape
     sh, sw = _px(cfg.ratio_crop_pad, h), _px(cfg.ratio_crop_pad, w)
-    ty = _randint(-sh, sh + 1, n, x, g)
-    tx = _randint(-sw, sw + 1, n, x, g)
+    ty = _randint(-sh, sh + 1, n=n, like=x, g=g)
+    tx = _randint(-sw, sw + 1, n=n, like=x, g=g)
     rows = (torch.arange(h, device=x.device) + ty[:, None] + 1).clamp(0, h + 1)  # [N, H], padded coords
     cols = (torch.arange(w, device=x.device) + tx[:, None] + 1).clamp(0, w + 1)  # [N, W]
     x_pad = F.pad(x, (1, 1, 1, 1))
@@ -101,8 +102,8 @@ def _cutout(x, cfg, g):
     n, _, h, w = x.shape
     ch, cw = _px(cfg.ratio_cutout, h), _px(cfg.ratio_cutout, w)
     # Centre range as in the reference: [0, size - 1] for odd squares, [0, size] for even ones.
-    cy = _randint(0, h + (1 - ch % 2), n, x, g)
-    cx = _randint(0, w + (1 - cw % 2), n, x, g)
+    cy = _randint(0, h + (1 - ch % 2), n=n, like=x, g=g)
+    cx = _randint(0, w + (1 - cw % 2), n=n, like=x, g=g)
     top, left = cy - ch // 2, cx - cw // 2
     r = torch.arange(h, device=x.device)
     c = torch.arange(w, device=x.device)

@@ -29,18 +29,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-
-def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", required=True, help="cifar10 | cifar100 | svhn | mnist | fashion-mnist | digits | npz:PATH | folder:PATH")
-    p.add_argument("--data-root", default=None, help="where torchvision datasets are read from (or downloaded to)")
+from mttlss.artifact import format_manifest, load, read_manifest
+from mttlss.baselines import random_real_artifact
+from mttlss.config import CHOICES, DistillConfig, config_keys, load_preset, parse_set, preset_names, resolve_config
+from mttlss.data import load_dataset
+from mttlss.distillation import distill
+from mttlss.distributed import init_distributed
+from mttlss.evaluate import EVAL_SPLITS, evaluate_artifact, evaluate_full_data, format_results, get_recipe
+from mttlss.experts import ExpertConfig, ExpertSet, import_reference, train_experts
+from mttlss.export import FORMATS, export
+from mttlss.io_utils import atomic_write_json
+from mttlss.models import model_spec
+from mttlss.parameterization import budget_report
+from mttlss.preprocessing import Preprocessor
+from mttlss.quickstart import quickstart
 
 
 def _model_spec(args) -> dict:
-    from mttlss.models import model_spec
-
     overrides = {k: v for k, v in (("width", args.width), ("depth", args.depth)) if v is not None}
     return model_spec(args.model, **overrides)
 
@@ -50,23 +59,17 @@ def _model_spec(args) -> dict:
 
 
 def cmd_experts(args) -> int:
-    from mttlss.experts import ExpertConfig, ExpertSet, train_experts
-
     cfg = ExpertConfig(dataset=args.dataset, data_root=args.data_root, model=_model_spec(args), num_experts=args.num_experts,
                        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, preprocess="zca" if args.zca else "normalize",
                        dsa=not args.no_dsa, seed=args.seed, channels_last=args.fast, bf16=args.fast or args.bf16,
                        compile=args.fast or args.compile, device=args.device)
     experts = train_experts(cfg, args.out, workers=args.workers)
-    from mttlss.distributed import init_distributed
-
     if init_distributed().is_main:  # under torchrun, one rank reports
         _print_expert_validity(experts)
     return 0
 
 
 def cmd_experts_import(args) -> int:
-    from mttlss.experts import ExpertConfig, import_reference
-
     cfg = ExpertConfig(dataset=args.dataset, data_root=args.data_root, model=_model_spec(args),
                        preprocess="zca" if args.zca else "normalize", val_fraction=args.val_fraction)
     experts = import_reference(args.paths, args.out, cfg=cfg)
@@ -82,8 +85,6 @@ def _print_expert_validity(experts) -> None:
 
 
 def cmd_budget(args) -> int:
-    from mttlss.parameterization import budget_report
-
     shape, classes = _shape_of(args.dataset, args.data_root)
     print(budget_report(num_classes=classes, image_shape=shape, ipc=args.ipc, param="lowrank", rank=args.rank, code=args.code,
                         subspaces=args.subspaces, num_subspaces=args.num_subspaces, share_channels=args.share_channels,
@@ -99,16 +100,11 @@ def _shape_of(dataset: str, data_root):
     """Image shape and class count, without loading the data for the named datasets."""
     if dataset in _KNOWN_SHAPES:
         return _KNOWN_SHAPES[dataset]
-    from mttlss.data import load_dataset
-
     d = load_dataset(dataset, data_root=data_root)
     return (d.channels, *d.image_size), d.num_classes
 
 
 def cmd_distill(args) -> int:
-    from mttlss.config import parse_set, resolve_config
-    from mttlss.distillation import distill
-
     if args.preset is None and args.ipc is None:
         raise ValueError("give --ipc N (or a --preset that sets it)")
     # flags override the preset only when given, so `--preset cifar10_ipc1_pixel` stays a pixel run
@@ -123,21 +119,20 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def _evaluate_full_data(args) -> dict:
+    if not args.dataset:
+        raise SystemExit("--full-data needs --dataset")
+    data = load_dataset(args.dataset, data_root=args.data_root)
+    pre = Preprocessor.fit("zca" if args.zca else "normalize", data.x_train, dataset=args.dataset)
+    epochs = args.epochs or 50
+    recipe = get_recipe("full-30", name=f"full-{epochs}", epochs=epochs, lr=args.lr or 0.01)
+    return evaluate_full_data(data, preprocessor=pre, model_spec=model_spec(args.model or "convnet"), recipe=recipe,
+                              runs=args.runs, seed=args.seed, device=args.device, workers=args.workers, split=args.split)
+
+
 def cmd_evaluate(args) -> int:
-    from mttlss.evaluate import evaluate_artifact, evaluate_full_data, format_results, get_recipe
-
     if args.full_data:
-        if not args.dataset:
-            raise SystemExit("--full-data needs --dataset")
-        from mttlss.data import Preprocessor, load_dataset
-        from mttlss.models import model_spec
-
-        data = load_dataset(args.dataset, data_root=args.data_root)
-        pre = Preprocessor.fit("zca" if args.zca else "normalize", data.x_train, dataset=args.dataset)
-        epochs = args.epochs or 50
-        recipe = get_recipe("full-30", name=f"full-{epochs}", epochs=epochs, lr=args.lr or 0.01)
-        res = evaluate_full_data(data, preprocessor=pre, model_spec=model_spec(args.model or "convnet"), recipe=recipe,
-                                 runs=args.runs, seed=args.seed, device=args.device, workers=args.workers, split=args.split)
+        res = _evaluate_full_data(args)
     else:
         if not args.artifact:
             raise SystemExit("give an artifact path, or --full-data --dataset D")
@@ -145,18 +140,12 @@ def cmd_evaluate(args) -> int:
                                 epochs=args.epochs, seed=args.seed, device=args.device, workers=args.workers,
                                 split=args.split, record=args.record)
     print(format_results(res))
-    from mttlss.distributed import init_distributed
-
     if args.json and init_distributed().is_main:
-        from mttlss.io_utils import atomic_write_json
-
         atomic_write_json(args.json, res)
     return 0
 
 
 def cmd_random(args) -> int:
-    from mttlss.baselines import random_real_artifact
-
     path = random_real_artifact(dataset=args.dataset, data_root=args.data_root, ipc=args.ipc, out=args.out,
                                 experts=args.experts, seed=args.seed, zca=args.zca)
     print(f"wrote {path}")
@@ -168,8 +157,6 @@ def cmd_info(args) -> int:
     if path.is_dir() and (path / "synthetic.safetensors").exists() and not (path / "manifest.json").exists():
         path = path / "synthetic.safetensors"  # a distillation run folder: show its artifact
     if path.is_dir():
-        from mttlss.experts import ExpertSet
-
         experts = ExpertSet(path)
         m = experts.manifest
         print(json.dumps({k: m[k] for k in ("dataset", "model", "preprocessing", "optimizer", "augmentation", "epochs",
@@ -177,20 +164,13 @@ def cmd_info(args) -> int:
         print(f"finished experts: {len(experts.indices)}")
         _print_expert_validity(experts)
         return 0
-    from mttlss.artifact import format_manifest, read_manifest
-
     print(format_manifest(read_manifest(path)))
     return 0
 
 
 def cmd_export(args) -> int:
-    from mttlss.export import export
-
     full_train_zca = None
     if args.full_train_zca:  # DD-Ranking whitens with a ZCA fitted on the FULL training split: re-whiten to match
-        from mttlss.artifact import read_manifest
-        from mttlss.data import Preprocessor, load_dataset
-
         ds = read_manifest(args.artifact)["dataset"]
         data = load_dataset(ds["name"], data_root=args.data_root or ds.get("data_root"), val_fraction=0.0)
         full_train_zca = Preprocessor.fit("zca", data.x_train, dataset=ds["name"], fitted_on="full-train")
@@ -200,8 +180,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from mttlss.artifact import load
-    from mttlss.viz import show_artifact
+    from mttlss.viz import show_artifact  # here for its measured cost: matplotlib adds ~0.4 s to every CLI start
 
     for p in show_artifact(load(args.artifact), args.out):
         print(p)
@@ -209,8 +188,6 @@ def cmd_show(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    from mttlss.config import config_keys, load_preset, preset_names
-
     if args.name:
         print(json.dumps(load_preset(args.name), indent=2))
     else:
@@ -220,25 +197,33 @@ def cmd_presets(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
-    from mttlss.quickstart import quickstart
-
     quickstart(out=args.out, fast=args.fast)
     return 0
 
 
 # ---------------------------------------------------------------------------------------------------------
-# parser
+# parser: one function per command
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mttlss", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True, help="cifar10 | cifar100 | svhn | mnist | fashion-mnist | digits | npz:PATH | folder:PATH")
+    p.add_argument("--data-root", default=None, help="where torchvision datasets are read from (or downloaded to)")
 
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="convnet", help="network name (convnet, convnet_d4, ...)")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--depth", type=int, default=None)
+
+
+def _parser_quickstart(sub) -> None:
     p = sub.add_parser("quickstart", help="offline end-to-end demo on sklearn digits")
     p.add_argument("--out", default="mttlss-quickstart")
     p.add_argument("--fast", action="store_true", help="an even smaller run (used by the tests)")
     p.set_defaults(func=cmd_quickstart)
 
+
+def _parser_experts(sub) -> None:
     p = sub.add_parser("experts", help="train expert trajectories (or: mttlss experts import PATH... --out DIR)")
     _add_data_args(p)
     _add_model_args(p)
@@ -257,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_experts)
 
+
+def _parser_experts_import(sub) -> None:
     p = sub.add_parser("experts-import", help="convert reference replay_buffer_*.pt files")
     p.add_argument("paths", nargs="+")
     _add_data_args(p)
@@ -267,22 +254,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_experts_import)
 
+
+def _parser_budget(sub) -> None:
     p = sub.add_parser("budget", help="images per class that fit the storage budget")
     _add_data_args(p)
     p.add_argument("--ipc", type=int, required=True)
     p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--code", default="full", choices=["full", "diag"])
-    p.add_argument("--subspaces", default="shared", choices=["per_class", "shared"], help="default as in distill")
+    p.add_argument("--code", default="full", choices=CHOICES["code"])
+    p.add_argument("--subspaces", default=DistillConfig.subspaces, choices=CHOICES["subspaces"], help="default as in distill")
     p.add_argument("--num-subspaces", type=int, default=1)
     p.add_argument("--share-channels", action="store_true")
     p.add_argument("--count-labels", action="store_true", help="charge soft labels against the budget")
     p.add_argument("--max-images-per-class", type=int, default=None)
     p.set_defaults(func=cmd_budget)
 
+
+def _parser_distill(sub) -> None:
     p = sub.add_parser("distill", help="optimise a synthetic set by trajectory matching")
     p.add_argument("--experts", required=True)
     p.add_argument("--ipc", type=int, default=None, help="storage budget in images per class (or from --preset)")
-    p.add_argument("--param", default=None, choices=["lowrank", "pixel"], help="default: the preset's, else lowrank")
+    p.add_argument("--param", default=None, choices=CHOICES["param"], help="default: the preset's, else lowrank")
     p.add_argument("--preset", default=None, help="preset name (mttlss presets) or YAML path")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--iterations", type=int, default=None)
@@ -290,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_distill)
 
+
+def _parser_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="train fresh networks on a synthetic set and report test accuracy")
     p.add_argument("artifact", nargs="?")
     p.add_argument("--full-data", action="store_true", help="the upper bound: train on the whole real training split")
@@ -302,13 +295,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="with --full-data (default 0.01)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split", default="test", choices=["test", "val"])
+    p.add_argument("--split", default="test", choices=EVAL_SPLITS)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--device", default=None)
     p.add_argument("--record", action="store_true", help="append the results to the artifact's manifest")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _parser_random(sub) -> None:
     p = sub.add_parser("random", help="an artifact of IPC random real images per class (the baseline)")
     _add_data_args(p)
     p.add_argument("--ipc", type=int, required=True)
@@ -318,34 +313,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_random)
 
+
+def _parser_info(sub) -> None:
     p = sub.add_parser("info", help="print an artifact's manifest or an experts folder's summary")
     p.add_argument("path")
     p.set_defaults(func=cmd_info)
 
+
+def _parser_export(sub) -> None:
     p = sub.add_parser("export", help="write ddranking / imagefolder / npz")
     p.add_argument("artifact")
-    p.add_argument("--format", required=True, choices=["ddranking", "imagefolder", "npz"])
+    p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--full-train-zca", action="store_true",
                    help="ddranking, ZCA artifacts: re-whiten with a ZCA fitted on the full training split, as DD-Ranking does")
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
 
+
+def _parser_show(sub) -> None:
     p = sub.add_parser("show", help="draw the synthetic images (and mappers / basis vectors for lowrank)")
     p.add_argument("artifact")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_show)
 
+
+def _parser_presets(sub) -> None:
     p = sub.add_parser("presets", help="list shipped presets, or print one")
     p.add_argument("name", nargs="?")
     p.set_defaults(func=cmd_presets)
+
+
+# in the order `mttlss --help` lists the commands
+_COMMANDS = (_parser_quickstart, _parser_experts, _parser_experts_import, _parser_budget, _parser_distill,
+             _parser_evaluate, _parser_random, _parser_info, _parser_export, _parser_show, _parser_presets)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mttlss", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in _COMMANDS:
+        add(sub)
     return parser
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="convnet", help="network name (convnet, convnet_d4, ...)")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--depth", type=int, default=None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -356,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
-        if "MTTLSS_DEBUG" in __import__("os").environ:
+        if "MTTLSS_DEBUG" in os.environ:
             raise
         print(f"mttlss {args.command}: error: {exc}", file=sys.stderr)
         return 2

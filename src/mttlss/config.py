@@ -10,12 +10,25 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+# The allowed values of every option that takes a name, declared once: DistillConfig.validate checks them and
+# the CLI offers them as `choices` (and evaluation recipes share the epoch modes).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "param": ("lowrank", "pixel"),
+    "code": ("full", "diag"),
+    "subspaces": ("per_class", "shared"),
+    "pairing": ("fixed", "random"),
+    "init": ("correct", "real", "noise"),
+    "select_on": ("val", "none"),
+    "eval_epoch_mode": ("decoded", "budget"),
+    "lr_schedule": ("constant", "cosine"),
+}
 
 
 @dataclass
@@ -76,14 +89,8 @@ class DistillConfig:
     stop_after: int | None = None     # stop (with a checkpoint) after this many iterations of this call; rerun to resume
 
     def validate(self) -> "DistillConfig":
-        _choice("param", self.param, ("lowrank", "pixel"))
-        _choice("code", self.code, ("full", "diag"))
-        _choice("subspaces", self.subspaces, ("per_class", "shared"))
-        _choice("pairing", self.pairing, ("fixed", "random"))
-        _choice("init", self.init, ("correct", "real", "noise"))
-        _choice("select_on", self.select_on, ("val", "none"))
-        _choice("eval_epoch_mode", self.eval_epoch_mode, ("decoded", "budget"))
-        _choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        for name, allowed in CHOICES.items():
+            _choice(name, getattr(self, name), allowed)
         for name in ("ipc", "rank", "syn_steps", "expert_epochs", "num_subspaces", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -1,11 +1,13 @@
-"""Real datasets, the held-out validation split, normalisation constants and ZCA whitening.
+"""Real datasets and the held-out validation split (preprocessing lives in ``mttlss.preprocessing``).
 
 Everything here works on in-memory tensors:
 
 - ``load_dataset(name)`` returns a :class:`RealData` with pixel-space images ``[N, C, H, W]`` float32 in
-  [0, 1] for train (minus validation), validation and test.
-- ``Preprocessor.fit("normalize" | "zca", x_train)`` maps pixel space to the *training space* and back.
-  Its ``state_dict()`` / ``meta()`` pair restores it exactly (``Preprocessor.from_state``).
+  [0, 1] for train (minus validation), validation and test, and ``RealData.split``, the record of its split,
+  whose first keys are ``load_dataset``'s own arguments (``val_fraction``, ``val_max``, ``split_seed``).
+- ``dataset_record(data)`` is the dataset entry of an experts or artifact manifest, and
+  ``load_recorded(record)`` loads exactly that data again (the same split): "the real data these experts,
+  or this artifact, were made from".
 
 Dataset names: ``cifar10``, ``cifar100``, ``svhn``, ``mnist``, ``fashion-mnist`` (torchvision on-disk
 formats under ``data_root``), ``digits`` (scikit-learn's bundled 8x8 set, no files needed),
@@ -23,26 +25,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-# Published per-channel mean / std of the pixel-space training images, in ONE place.
-# CIFAR std (0.2023, 0.1994, 0.2010) is the DC / MTT / DD-Ranking convention (not the true std
-# 0.2470, 0.2435, 0.2616); those code bases reuse the CIFAR-10 constants for CIFAR-100, and so do we,
-# so that normalised images are interchangeable with theirs (see docs: ecosystem.md section 2).
-NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-    "cifar100": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
-    "mnist": ((0.1307,), (0.3081,)),
-    "fashion-mnist": ((0.2860,), (0.3530,)),
-}
-
 TORCHVISION_DATASETS = ("cifar10", "cifar100", "svhn", "mnist", "fashion-mnist")
 BUILTIN_DATASETS = TORCHVISION_DATASETS + ("digits",)
 _ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist",
             "cifar-10": "cifar10", "cifar-100": "cifar100"}
 _VALID_NAMES_TEXT = ", ".join(BUILTIN_DATASETS) + ", npz:/path/to/file.npz, folder:/path/to/dir"
-
-_CHUNK_ROWS = 4096  # rows per matmul chunk in ZCA fit/apply: bounds temporary memory to ~100 MB
-
 
 class DatasetError(RuntimeError):
     """A dataset could not be found or read; the message says what was expected, where, and how to get it."""
@@ -216,7 +203,7 @@ def _missing_files(name: str, root: Path) -> list[Path]:
     return [root / f for f in _LAYOUTS[name]["files"] if not (root / f).is_file()]
 
 
-def _not_found_message(name: str, root: Path, missing: list[Path], reason: str) -> str:
+def _not_found_message(name: str, root: Path, *, missing: list[Path], reason: str) -> str:
     spec = _LAYOUTS[name]
     shown = ", ".join(str(p) for p in missing[:3]) + (" ..." if len(missing) > 3 else "")
     return (
@@ -237,7 +224,7 @@ def _torchvision_classes() -> dict[str, Callable[..., Any]]:
     is rejected as "corrupted". We keep torchvision's reading code and its download path (the downloaded
     archive is still md5-checked by ``download()``), and only relax the check of files already on disk.
     """
-    from torchvision import datasets as tvd
+    from torchvision import datasets as tvd  # here for its measured cost: importing torchvision takes ~1.8 s
 
     class _CIFAR10(tvd.CIFAR10):
         meta = {**tvd.CIFAR10.meta, "md5": None}  # check_integrity(path, None) == "file exists"
@@ -266,7 +253,7 @@ def _load_torchvision(name: str, root: Path, download: bool | None):
     """Returns (x_train, y_train, x_test, y_test, class_names); images uint8 [N, C, H, W] views."""
     missing = _missing_files(name, root)
     if missing and download is False:
-        raise DatasetError(_not_found_message(name, root, missing, f"files not found under {root} (download=False)"))
+        raise DatasetError(_not_found_message(name, root, missing=missing, reason=f"files not found under {root} (download=False)"))
     cls = _torchvision_classes()[name]
     if missing:  # download is None or True here; files already present are never re-fetched
         try:
@@ -279,10 +266,10 @@ def _load_torchvision(name: str, root: Path, download: bool | None):
         except Exception as e:  # no network, HTTP error, bad archive, read-only folder...
             still = _missing_files(name, root)
             raise DatasetError(_not_found_message(
-                name, root, still or missing, f"download failed ({type(e).__name__}: {e})")) from e
+                name, root, missing=still or missing, reason=f"download failed ({type(e).__name__}: {e})")) from e
         missing = _missing_files(name, root)
         if missing:
-            raise DatasetError(_not_found_message(name, root, missing, "files still missing after download"))
+            raise DatasetError(_not_found_message(name, root, missing=missing, reason="files still missing after download"))
 
     try:
         if name == "svhn":
@@ -320,7 +307,7 @@ def _load_torchvision(name: str, root: Path, download: bool | None):
 
 def _load_digits():
     """scikit-learn's bundled 8x8 digits (no download); fixed stratified 80/20 train/test split (seed 0)."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # here for its measured cost: ~0.9 s, paid only by digits runs
 
     d = load_digits()
     x = torch.from_numpy(np.asarray(d.images, dtype=np.float32) / np.float32(16.0)).unsqueeze(1)  # [N,1,8,8]
@@ -393,6 +380,7 @@ def _load_npz(path: Path):
 
 
 def _load_folder(root: Path):
+    # here for their measured cost: importing torchvision takes ~1.8 s, paid only by folder datasets
     from torchvision.datasets import ImageFolder
     from torchvision.transforms.functional import pil_to_tensor
 
@@ -477,231 +465,42 @@ def load_dataset(
     y_train = y_full if val.numel() == 0 else y_full[keep]
     x_val, y_val = _to_float01(x_full[val]), y_full[val]
     x_test = _to_float01(x_test)
-    split = {"val_fraction": float(val_fraction), "val_max": int(val_max), "seed": int(split_seed),
+    split = {"val_fraction": float(val_fraction), "val_max": int(val_max), "split_seed": int(split_seed),
              "n_train": int(keep.numel()), "n_val": int(val.numel()), "n_test": int(len(y_test))}
     return RealData(name=cname, class_names=list(class_names), x_train=x_train, y_train=y_train,
                     x_val=x_val, y_val=y_val, x_test=x_test, y_test=y_test, split=split)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Preprocessing: pixel space <-> training space
+# The manifest's dataset record, and loading the data it describes
 # ----------------------------------------------------------------------------------------------------------
 
-_SPACES = {"normalize": "normalized", "zca": "zca", "none": "pixel01"}
+SPLIT_ARGS = ("val_fraction", "val_max", "split_seed")  # the keys of RealData.split that load_dataset takes
 
 
-def _base_name(dataset: str) -> str:
-    return canonical_name(dataset) if ":" not in dataset else dataset.split(":", 1)[0].lower()
+def dataset_record(data: RealData, *, data_root: str | None) -> dict:
+    """The dataset entry of an experts or artifact manifest; ``load_recorded`` reads it back."""
+    return {"name": data.name, "class_names": list(data.class_names), "num_classes": data.num_classes,
+            "image_shape": [data.channels, *data.image_size], "split": data.split, "data_root": data_root}
 
 
-def _eigh64(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigendecomposition of a symmetric float64 matrix: (eigenvalues ascending, eigenvectors as columns).
+def split_arguments(split: dict | None) -> dict[str, Any]:
+    """``load_dataset`` keyword arguments from a split record; missing keys keep ``load_dataset``'s defaults.
 
-    On CPU, SciPy's divide-and-conquer LAPACK driver is used: for a 3072 x 3072 CIFAR covariance it took
-    ~9 s where ``torch.linalg.eigh`` took ~60 s on a 2-core machine. On GPU, torch (cuSOLVER) is used.
+    Records written before the split seed was recorded under its argument name call it ``seed``; both read.
     """
-    if cov.device.type == "cpu":
-        try:
-            import scipy.linalg
-        except ImportError:  # scipy is a dependency, but keep ZCA working without it
-            return torch.linalg.eigh(cov)
-        lam, u = scipy.linalg.eigh(cov.numpy(), driver="evd", overwrite_a=False, check_finite=True)
-        return torch.from_numpy(lam), torch.from_numpy(u)
-    return torch.linalg.eigh(cov)
+    split = dict(split or {})
+    if "seed" in split:
+        split.setdefault("split_seed", split.pop("seed"))
+    return {k: split[k] for k in SPLIT_ARGS if k in split}
 
 
-class Preprocessor:
-    """Maps pixel-space [0,1] images to the training space (mean/std 'normalized', or 'zca') and back.
+def load_recorded(record: dict, *, data_root: str | None = None) -> RealData:
+    """The real data a manifest's dataset ``record`` was made from: same dataset, same validation split.
 
-    - ``normalize``: per-channel ``(x - mean) / std``; published constants (``NORMALIZATION``) for listed
-      datasets, otherwise mean/std computed from the images given to ``fit``.
-    - ``zca``: kornia ``ZCAWhitening(eps, compute_inv=True)`` semantics (method.md 10.1) on flattened images:
-      ``x_zca = (x - mu) W``, ``x = x_zca W_inv + mu``, eps absolute.
-    - ``none``: identity (space ``pixel01``), for runs without any preprocessing.
+    ``data_root`` overrides where the files are read (default: where the run that wrote the record read them).
     """
-
-    def __init__(self, *, kind: str, dataset: str, fitted_on: str, eps: float | None = None,
-                 mean: torch.Tensor | None = None, std: torch.Tensor | None = None,
-                 zca_mean: torch.Tensor | None = None, zca_matrix: torch.Tensor | None = None,
-                 zca_inverse: torch.Tensor | None = None, source: str | None = None):
-        if kind not in _SPACES:
-            raise ValueError(f"kind must be one of {sorted(_SPACES)}, got {kind!r}")
-        self.kind = kind
-        self.space = _SPACES[kind]
-        self.dataset = dataset
-        self.fitted_on = fitted_on
-        self.eps = eps
-        self.source = source  # normalize: "published" | "computed"
-        self.mean, self.std = mean, std  # normalize: [C] each
-        self.zca_mean, self.zca_matrix, self.zca_inverse = zca_mean, zca_matrix, zca_inverse  # [D], [D, D], [D, D]
-        if kind == "normalize" and (mean is None or std is None):
-            raise ValueError("normalize needs mean and std")
-        if kind == "zca" and (zca_mean is None or zca_matrix is None or zca_inverse is None):
-            raise ValueError("zca needs zca_mean, zca_matrix and zca_inverse")
-
-    # -- fitting ------------------------------------------------------------------------------------------
-
-    @classmethod
-    def fit(cls, kind: str, x_pixels: torch.Tensor, *, dataset: str, eps: float = 0.1,
-            fitted_on: str = "train-minus-val") -> "Preprocessor":
-        """Fit on pixel-space images ``x_pixels`` [N, C, H, W] (normally train minus validation)."""
-        if kind not in _SPACES:
-            raise ValueError(f"kind must be one of {sorted(_SPACES)}, got {kind!r}")
-        if x_pixels.ndim != 4:
-            raise ValueError(f"x_pixels must be [N, C, H, W], got shape {tuple(x_pixels.shape)}")
-        if kind == "none":
-            return cls(kind="none", dataset=dataset, fitted_on=fitted_on)
-        if kind == "normalize":
-            return cls._fit_normalize(x_pixels, dataset=dataset, fitted_on=fitted_on)
-        return cls._fit_zca(x_pixels, dataset=dataset, eps=float(eps), fitted_on=fitted_on)
-
-    @classmethod
-    def _fit_normalize(cls, x: torch.Tensor, *, dataset: str, fitted_on: str) -> "Preprocessor":
-        channels = x.shape[1]
-        base = _base_name(dataset)
-        if base in NORMALIZATION:
-            mean, std = (torch.tensor(v, dtype=torch.float32) for v in NORMALIZATION[base])
-            if mean.numel() != channels:
-                raise ValueError(f"{base!r} constants have {mean.numel()} channels, images have {channels}")
-            return cls(kind="normalize", dataset=dataset, fitted_on="published", mean=mean, std=std,
-                       source="published")
-        # float64 sums chunk by chunk: accurate, and no float64 copy of the whole set.
-        s = torch.zeros(channels, dtype=torch.float64)
-        s2 = torch.zeros(channels, dtype=torch.float64)
-        for start in range(0, x.shape[0], _CHUNK_ROWS):
-            chunk = x[start:start + _CHUNK_ROWS].to(torch.float32)
-            # per-image float32 sums (H*W terms, accurate), then float64 across images and chunks
-            s += chunk.sum(dim=(2, 3)).double().sum(0).cpu()
-            s2 += (chunk * chunk).sum(dim=(2, 3)).double().sum(0).cpu()
-        count = x.shape[0] * x.shape[2] * x.shape[3]
-        mean = s / count
-        std = (s2 / count - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)  # guard constant images
-        return cls(kind="normalize", dataset=dataset, fitted_on=fitted_on, mean=mean.float(), std=std.float(),
-                   source="computed")
-
-    @classmethod
-    def _fit_zca(cls, x: torch.Tensor, *, dataset: str, eps: float, fitted_on: str) -> "Preprocessor":
-        n = x.shape[0]
-        if n < 2:
-            raise ValueError("ZCA needs at least 2 images (covariance divides by N - 1)")
-        flat = x.reshape(n, -1)  # [N, D], pixel space (a view when x is contiguous)
-        d = flat.shape[1]
-        # Mean in float64; covariance as float32 products of centred row chunks summed in float64. float32 GEMMs
-        # are fast everywhere (float64 is slow on consumer GPUs and 2x slower on CPU), the per-chunk error is
-        # ~1e-7 relative, and the whole set is never copied.
-        mu = torch.zeros(d, dtype=torch.float64, device=x.device)
-        for start in range(0, n, _CHUNK_ROWS):
-            mu += flat[start:start + _CHUNK_ROWS].sum(0, dtype=torch.float64)
-        mu /= n
-        mu32 = mu.float()
-        cov = torch.zeros(d, d, dtype=torch.float64, device=x.device)
-        for start in range(0, n, _CHUNK_ROWS):
-            c = flat[start:start + _CHUNK_ROWS].to(torch.float32) - mu32
-            cov += (c.T @ c).double()
-        cov /= n - 1
-        cov = 0.5 * (cov + cov.T)  # exactly symmetric for eigh
-        lam, u = _eigh64(cov)
-        lam = lam.clamp_min(0.0)  # round-off can make tiny eigenvalues negative; the SVD in kornia gives >= 0
-        w = (u * (lam + eps).rsqrt()) @ u.T
-        w_inv = (u * (lam + eps).sqrt()) @ u.T
-        return cls(kind="zca", dataset=dataset, fitted_on=fitted_on, eps=eps, zca_mean=mu.float().cpu(),
-                   zca_matrix=w.float().cpu(), zca_inverse=w_inv.float().cpu())
-
-    # -- applying -----------------------------------------------------------------------------------------
-
-    def _zca_apply(self, x: torch.Tensor, matrix: torch.Tensor, *, forward: bool) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(shape[0], -1)
-        d = self.zca_mean.numel()
-        if flat.shape[1] != d:
-            raise ValueError(f"ZCA was fitted on {d} values per image, got images of shape {tuple(shape[1:])}")
-        mu = self.zca_mean.to(x.device)
-        matrix = matrix.to(x.device)
-        out = torch.empty(flat.shape, dtype=torch.float32, device=x.device)
-        for start in range(0, flat.shape[0], _CHUNK_ROWS):  # chunked: only a [chunk, D] temporary
-            rows = flat[start:start + _CHUNK_ROWS].to(torch.float32)
-            if forward:
-                torch.mm(rows - mu, matrix, out=out[start:start + _CHUNK_ROWS])
-            else:
-                torch.addmm(mu, rows, matrix, out=out[start:start + _CHUNK_ROWS])
-        return out.reshape(shape)
-
-    def _channel_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.ndim != 4 or x.shape[1] != self.mean.numel():
-            raise ValueError(f"expected [B, {self.mean.numel()}, H, W] images, got shape {tuple(x.shape)}")
-        return self.mean.to(x.device).view(1, -1, 1, 1), self.std.to(x.device).view(1, -1, 1, 1)
-
-    def __call__(self, x_pixels: torch.Tensor) -> torch.Tensor:
-        """Pixel space [B, C, H, W] -> training space, float32 on the same device."""
-        x = x_pixels.to(torch.float32)
-        if self.kind == "none":
-            return x.clone() if x is x_pixels else x
-        if self.kind == "normalize":
-            mean, std = self._channel_stats(x)
-            return (x - mean) / std
-        return self._zca_apply(x, self.zca_matrix, forward=True)
-
-    def inverse(self, x: torch.Tensor) -> torch.Tensor:
-        """Training space [B, C, H, W] -> pixel space (not clipped to [0, 1])."""
-        x = x.to(torch.float32)
-        if self.kind == "none":
-            return x.clone()
-        if self.kind == "normalize":
-            mean, std = self._channel_stats(x)
-            return x * std + mean
-        return self._zca_apply(x, self.zca_inverse, forward=False)
-
-    # -- persistence --------------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors to store next to the synthetic set (CPU)."""
-        if self.kind == "normalize":
-            return {"preprocess.mean": self.mean.detach().cpu(), "preprocess.std": self.std.detach().cpu()}
-        if self.kind == "zca":
-            return {"zca.mean": self.zca_mean.detach().cpu(), "zca.matrix": self.zca_matrix.detach().cpu(),
-                    "zca.inverse": self.zca_inverse.detach().cpu()}
-        return {}
-
-    def meta(self) -> dict:
-        """JSON-able description; with ``state_dict()`` it restores this object exactly."""
-        m: dict[str, Any] = {"kind": self.kind, "space": self.space, "eps": self.eps, "fitted_on": self.fitted_on,
-                             "dataset": self.dataset, "mean": None, "std": None}
-        if self.kind == "normalize":
-            m.update(mean=self.mean.cpu().tolist(), std=self.std.cpu().tolist(), source=self.source)
-        elif self.kind == "zca":
-            m["dim"] = int(self.zca_mean.numel())  # the ZCA mean is per pixel, so it lives in the tensors only
-        return m
-
-    @classmethod
-    def from_state(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> "Preprocessor":
-        kind = meta.get("kind")
-        common = dict(dataset=meta.get("dataset", ""), fitted_on=meta.get("fitted_on", ""), eps=meta.get("eps"))
-        if kind == "none":
-            return cls(kind="none", **common)
-        if kind == "normalize":
-            # Tensors win (bit-exact); the JSON lists are a fallback (float32 -> JSON -> float32 is exact too).
-            mean = tensors.get("preprocess.mean")
-            std = tensors.get("preprocess.std")
-            mean = mean.float().clone() if mean is not None else torch.tensor(meta["mean"], dtype=torch.float32)
-            std = std.float().clone() if std is not None else torch.tensor(meta["std"], dtype=torch.float32)
-            return cls(kind="normalize", mean=mean, std=std, source=meta.get("source"), **common)
-        if kind == "zca":
-            missing = [k for k in ("zca.mean", "zca.matrix", "zca.inverse") if k not in tensors]
-            if missing:
-                raise ValueError(f"ZCA state is missing tensors {missing}; store Preprocessor.state_dict() with it")
-            return cls(kind="zca", zca_mean=tensors["zca.mean"].float().clone(),
-                       zca_matrix=tensors["zca.matrix"].float().clone(),
-                       zca_inverse=tensors["zca.inverse"].float().clone(), **common)
-        raise ValueError(f"meta['kind'] must be one of {sorted(_SPACES)}, got {kind!r}")
-
-    def to(self, device) -> "Preprocessor":
-        """Move the stored tensors to ``device`` (in place); returns self."""
-        for attr in ("mean", "std", "zca_mean", "zca_matrix", "zca_inverse"):
-            t = getattr(self, attr)
-            if t is not None:
-                setattr(self, attr, t.to(device))
-        return self
-
-    def __repr__(self) -> str:
-        return (f"Preprocessor(kind={self.kind!r}, dataset={self.dataset!r}, fitted_on={self.fitted_on!r}, "
-                f"eps={self.eps})")
+    if "name" not in record:
+        raise ValueError("the manifest's dataset record has no name; pass data=load_dataset(...) explicitly")
+    root = data_root if data_root is not None else record.get("data_root")
+    return load_dataset(record["name"], data_root=root, **split_arguments(record.get("split")))

@@ -1,8 +1,10 @@
 """The distillation loop: optimise a synthetic set so that students trained on it follow the experts.
 
-Read top to bottom: ``distill()`` sets up (experts, data, synthetic set, labels, optimisers), then runs
-``outer_step()`` per iteration, evaluates on the validation split now and then, checkpoints atomically, and
-finally writes the artifact of the synthetic set selected on the validation split.
+Read top to bottom: ``distill()`` sets up (experts, data, model: ``_setup``), starts from a checkpoint or a
+fresh synthetic set with its labels and optimisers (``_start``), then per iteration runs ``outer_step()``,
+validates now and then, hands the record to the sinks (``records.py``: log.jsonl, progress bar, TensorBoard)
+and checkpoints atomically; finally it writes the artifact of the synthetic set selected on the validation
+split (``_finish``).
 
 Every iteration's randomness (which expert, start epoch, minibatches, DSA) comes from a generator seeded by
 (seed, iteration), so a resumed run repeats exactly what an uninterrupted run would have done.
@@ -10,7 +12,6 @@ Every iteration's randomness (which expert, start epoch, minibatches, DSA) comes
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import sys
@@ -20,26 +21,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
+from mttlss.artifact import save_artifact
 from mttlss.augment import DSAConfig
 from mttlss.config import DistillConfig
-from mttlss.data import Preprocessor, RealData, load_dataset
+from mttlss.data import RealData, dataset_record, load_recorded
 from mttlss.distributed import default_device
 from mttlss.experts import ExpertSet
+from mttlss.initialization import init_synthetic
 from mttlss.io_utils import atomic_torch_save, atomic_write_text
-from mttlss.labels import correct_candidates, init_soft_labels
-from mttlss.matching import (
-    ParamLayout,
-    batch_schedule,
-    sample_start_epoch,
-    soft_label_loss,
-    start_epoch_upper,
-    trajectory_loss,
-    unroll_student,
-)
-from mttlss.models import build_model, has_buffers
-from mttlss.parameterization import LowRankSet, PixelSet, SyntheticSet, build_synthetic_set, solve_budget
+from mttlss.labels import init_soft_labels
+from mttlss.matching import batch_schedule, sample_start_epoch, start_epoch_upper, trajectory_loss, unroll_student
+from mttlss.models import ParamLayout, build_model, has_buffers
+from mttlss.parameterization import SyntheticSet, build_synthetic_set
+from mttlss.preprocessing import Preprocessor
+from mttlss.records import open_sinks
+from mttlss.training import EvalRecipe, evaluate_synthetic, label_loss, soft_targets
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
@@ -52,7 +50,7 @@ class DistillError(RuntimeError):
     """The run cannot go on; the message names the knobs to change."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DistillState:
     """Everything a checkpoint holds: the resume point."""
 
@@ -66,7 +64,7 @@ class DistillState:
     best: dict[str, Any] = field(default_factory=dict)   # {"iteration", "val_acc", "synthetic", "labels", "lr"}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DistillResult:
     out: Path | None
     artifact: Path | None
@@ -78,16 +76,24 @@ class DistillResult:
     init_info: dict = field(default_factory=dict)   # budget, reconstruction error, initial validation accuracy
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Run:
+    """What stays fixed for a whole run: every iteration reads it, none changes it."""
+
+    cfg: DistillConfig
+    experts: ExpertSet
+    data: RealData
+    pre: Preprocessor                   # pixel [0, 1] -> the experts' training space
+    model: nn.Module                    # the experts' network; its parameters come from flat vectors [P]
+    layout: ParamLayout
+    device: str
+    x_val: torch.Tensor                 # [N_val, C, H, W] training space
+    dsa_config: DSAConfig | None
+    out: Path | None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # set-up
-
-
-def _load_real(experts: ExpertSet, data: RealData | None) -> RealData:
-    if data is not None:
-        return data
-    ds, split = experts.dataset, experts.dataset["split"]
-    return load_dataset(ds["name"], data_root=ds.get("data_root"), val_fraction=split["val_fraction"],
-                        val_max=split["val_max"], split_seed=split["seed"])
 
 
 def _check_segments(cfg: DistillConfig, experts: ExpertSet) -> None:
@@ -99,58 +105,26 @@ def _check_segments(cfg: DistillConfig, experts: ExpertSet) -> None:
         )
 
 
-def _budget(cfg: DistillConfig, data: RealData):
-    return solve_budget(
-        num_classes=data.num_classes, image_shape=(data.channels, *data.image_size), ipc=cfg.ipc, param=cfg.param,
-        rank=cfg.rank, code=cfg.code, subspaces=cfg.subspaces, num_subspaces=cfg.num_subspaces,
-        share_channels=cfg.share_channels, count_labels=cfg.count_labels and cfg.soft_labels,
-        max_images_per_class=cfg.max_images_per_class,
-    )
+def _setup(config: DistillConfig, *, experts: str | Path | ExpertSet, out: str | Path | None,
+           data: RealData | None) -> _Run:
+    cfg = config.validate()
+    experts = experts if isinstance(experts, ExpertSet) else ExpertSet(experts)
+    _check_segments(cfg, experts)
+    device = default_device(cfg.device)
+    data = data if data is not None else load_recorded(experts.dataset)
+    pre = experts.preprocessor().to(device)
+    model = build_model(experts.model, channels=data.channels, num_classes=data.num_classes, image_size=data.image_size).to(device)
+    layout = experts.check_model(model)
+    if has_buffers(model):
+        raise DistillError(f"model {experts.model['name']} has buffers (BatchNorm); trajectory matching needs a buffer-free "
+                           "network such as convnet with instancenorm")
+    return _Run(cfg=cfg, experts=experts, data=data, pre=pre, model=model, layout=layout, device=device,
+                x_val=pre(data.x_val.to(device)), dsa_config=DSAConfig(strategy=cfg.dsa_strategy) if cfg.dsa else None,
+                out=Path(out) if out is not None else None)
 
 
-def init_synthetic(cfg, data, x_train, model, layout, experts, device) -> tuple[SyntheticSet, dict]:
-    """Build the synthetic set from real training images (training space), per ``cfg.init``."""
-    budget = _budget(cfg, data)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    candidates = None
-    if cfg.init == "correct":
-        candidates = _correct_candidates(experts, model, layout, x_train, data, budget.images_per_class, device)
-    x_cpu, y_cpu = x_train.cpu(), data.y_train.cpu()
-    shape = (data.channels, *data.image_size)
-    info: dict[str, Any] = {"budget": budget.as_dict()}
-    if cfg.param == "pixel":
-        syn = PixelSet.from_real(x_cpu, y_cpu, num_classes=data.num_classes, images_per_class=budget.images_per_class,
-                                 generator=gen, candidates=candidates)
-    else:
-        syn, rec = LowRankSet.from_real(
-            x_cpu, y_cpu, num_classes=data.num_classes, images_per_class=budget.images_per_class, rank=cfg.rank,
-            code=cfg.code, subspaces=cfg.subspaces, num_subspaces=cfg.num_subspaces, share_channels=cfg.share_channels,
-            pairing=cfg.pairing, generator=gen, candidates=candidates,
-        )
-        info.update(rec)
-    if cfg.init == "noise":
-        with torch.no_grad():
-            for p in syn.parameters():
-                p.normal_(generator=gen)
-    assert syn.image_shape == shape
-    return syn.to(device), info
-
-
-def _correct_candidates(experts, model, layout, x_train, data, needed: int, device) -> list[torch.Tensor]:
-    """Per class, real images an expert's final checkpoint classifies correctly (DATM); when a class has fewer
-    than ``needed``, the next expert's correct images are added (the parameterisation tops up the rest)."""
-    y = data.y_train.to(device)
-    pooled: list[torch.Tensor] | None = None
-    for k in experts.indices:
-        final = experts.checkpoints(k, [experts.epochs])[0]
-        found = correct_candidates(model, layout, final, x_train, y, data.num_classes)
-        pooled = found if pooled is None else [torch.unique(torch.cat([a, b])) for a, b in zip(pooled, found)]
-        if all(len(c) >= needed for c in pooled):
-            break
-    return pooled
-
-
-def _optimizers(cfg: DistillConfig, syn: SyntheticSet, label_logits, syn_lr) -> dict[str, torch.optim.Optimizer]:
+def _optimizers(cfg: DistillConfig, *, syn: SyntheticSet, label_logits: torch.Tensor | None,
+                syn_lr: torch.Tensor) -> dict[str, torch.optim.Optimizer]:
     groups = syn.parameter_groups()
     if "images" in groups:
         factor_groups = [{"params": groups["images"], "lr": cfg.lr_img}]
@@ -188,18 +162,40 @@ def _schedule_lrs(cfg: DistillConfig, state: DistillState) -> float:
     return factor
 
 
-def _fresh_state(cfg, data, x_train, model, layout, experts, device) -> tuple[DistillState, dict]:
-    syn, info = init_synthetic(cfg, data, x_train, model, layout, experts, device)
+def _fresh_state(run: _Run, *, x_train: torch.Tensor) -> tuple[DistillState, dict]:
+    """Iteration 0: the synthetic set initialised from ``x_train`` [N, C, H, W] (training space), its soft
+    labels from the experts' final checkpoints, alpha at lr_teacher."""
+    cfg, experts, device = run.cfg, run.experts, run.device
+    syn, info = init_synthetic(cfg, data=run.data, x_train=x_train, model=run.model, layout=run.layout,
+                               experts=experts, device=device)
     label_logits = None
     if cfg.soft_labels:
         with torch.no_grad():
             decoded = syn.decode()
         finals = [experts.checkpoints(k, [experts.epochs])[0] for k in experts.indices]
-        label_logits = init_soft_labels(model, layout, finals, decoded, syn.labels_hard().to(device))
+        label_logits = init_soft_labels(run.model, run.layout, final_params=finals, x=decoded,
+                                        y=syn.labels_hard().to(device))
         label_logits = label_logits.detach().clone().requires_grad_(True)
         info["label_init_agreement"] = float((label_logits.argmax(1).cpu() == syn.labels_hard()).float().mean())
     syn_lr = torch.tensor(cfg.lr_teacher, device=device, requires_grad=True)
-    return DistillState(0, syn, label_logits, syn_lr, _optimizers(cfg, syn, label_logits, syn_lr)), info
+    optimizers = _optimizers(cfg, syn=syn, label_logits=label_logits, syn_lr=syn_lr)
+    return DistillState(iteration=0, synthetic=syn, label_logits=label_logits, syn_lr=syn_lr, optimizers=optimizers), info
+
+
+def _start(run: _Run) -> tuple[DistillState, dict, bool]:
+    """The resume point in ``run.out`` when there is one, else a fresh state; returns (state, info, resumed)."""
+    resumed = load_checkpoint(run.out, cfg=run.cfg, device=run.device, experts=run.experts) if run.out is not None else None
+    if resumed:
+        return (*resumed, True)
+    # the training images are only needed to initialise (whitening 45k CIFAR images takes ~30 s on a CPU)
+    x_train = run.pre(run.data.x_train.to(run.device))  # [N, C, H, W] training space
+    state, info = _fresh_state(run, x_train=x_train)
+    del x_train
+    if run.cfg.select_on == "val" and len(run.x_val) and run.cfg.iterations > 0:
+        # the initialisation competes too: the selected set is never worse on validation than where it started
+        info["init_val_acc"] = _validate(run, state)
+        state.best = {"iteration": 0, "val_acc": info["init_val_acc"], **_snapshot(state)}
+    return state, info, False
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -217,53 +213,42 @@ def expert_for_iteration(indices: list[int], seed: int, iteration: int) -> int:
     return indices[int(perm[pos])]
 
 
-def outer_step(cfg: DistillConfig, state: DistillState, *, model, layout: ParamLayout, experts: ExpertSet,
-               device: str, dsa_config: DSAConfig | None) -> dict[str, Any]:
-    """Sample an expert segment, unroll the student, and update the synthetic set, alpha and labels."""
-    i = state.iteration
-    gen = iteration_generator(cfg.seed, i)
-    k = expert_for_iteration(experts.indices, cfg.seed, i)
-    upper = start_epoch_upper(i, min_start_epoch=cfg.min_start_epoch, current_max_start_epoch=cfg.current_max_start_epoch,
-                              max_start_epoch=cfg.max_start_epoch, expansion_end_epoch=cfg.expansion_end_epoch,
-                              progressive=cfg.progressive)
-    t = sample_start_epoch(upper, min_start_epoch=cfg.min_start_epoch, generator=gen)
-    start, target = experts.checkpoints(k, [t, t + cfg.expert_epochs]).to(device)
+def _unroll(cfg: DistillConfig, state: DistillState, *, model: nn.Module, layout: ParamLayout, start: torch.Tensor,
+            device: str, dsa_config: DSAConfig | None, generator: torch.Generator) -> torch.Tensor:
+    """theta_N [P]: a student trained from ``start`` [P] for syn_steps steps on synthetic batches."""
     syn = state.synthetic
     n = syn.num_images
-    batches = batch_schedule(n, min(cfg.batch_syn or n, n), cfg.syn_steps, gen)
+    batches = batch_schedule(n, min(cfg.batch_syn or n, n), cfg.syn_steps, generator)
     hard = syn.labels_hard().to(device)
-    pair_gen = gen if getattr(syn, "pairing", "fixed") == "random" else None
+    pair_gen = generator if getattr(syn, "pairing", "fixed") == "random" else None
 
     def decode(idx):
         return syn.decode(idx.to(device), generator=pair_gen)
 
-    def label_loss(logits, idx):
-        if state.label_logits is not None:
-            return soft_label_loss(logits, state.label_logits[idx.to(device)])
-        return F.cross_entropy(logits, hard[idx.to(device)])
+    def batch_loss(logits, idx):
+        idx = idx.to(device)
+        targets = hard[idx] if state.label_logits is None else soft_targets(state.label_logits[idx])
+        return label_loss(logits, targets)
 
-    student = unroll_student(model, layout, start, decode=decode, label_loss=label_loss, syn_lr=state.syn_lr,
-                             batches=batches, dsa_config=dsa_config, generator=gen)
-    loss = trajectory_loss(student, start, target)
-    record = {"iteration": i, "expert": k, "start_epoch": t, "max_start_epoch": upper, "loss": float(loss.detach()),
-              "syn_lr": state.syn_lr.item(), "skipped": False}
-    if not math.isfinite(record["loss"]):
+    return unroll_student(model, layout, start, decode=decode, label_loss=batch_loss, syn_lr=state.syn_lr,
+                          batches=batches, dsa_config=dsa_config, generator=generator)
+
+
+def _count_skip(cfg: DistillConfig, state: DistillState, record: dict[str, Any]) -> None:
+    state.consecutive_skips += 1
+    state.total_skips += 1
+    record["skipped"] = True
+    if state.consecutive_skips >= cfg.max_consecutive_skips:
         raise DistillError(
-            f"matching loss became {record['loss']} at iteration {i} (expert {k}, start epoch {t}); lower lr_img, "
-            "lr_lr or syn_steps, or lower max_start_epoch, and start again with a new --out"
+            f"{state.consecutive_skips} consecutive iterations had matching loss > threshold {cfg.threshold}: the "
+            "students never got closer to the expert targets. Lower lr_img or lr_lr, lower max_start_epoch or "
+            "syn_steps, or raise threshold"
         )
-    if loss.item() > cfg.threshold:  # decided before the backward pass: a skipped update costs no backward
-        state.consecutive_skips += 1
-        state.total_skips += 1
-        record["skipped"] = True
-        if state.consecutive_skips >= cfg.max_consecutive_skips:
-            raise DistillError(
-                f"{state.consecutive_skips} consecutive iterations had matching loss > threshold {cfg.threshold}: the "
-                "students never got closer to the expert targets. Lower lr_img or lr_lr, lower max_start_epoch or "
-                "syn_steps, or raise threshold"
-            )
-        return record
-    state.consecutive_skips = 0
+
+
+def _update(cfg: DistillConfig, state: DistillState, *, loss: torch.Tensor, record: dict[str, Any]) -> None:
+    """Backpropagate the matching loss into the synthetic set, alpha and labels, and take one step of each."""
+    i = state.iteration
     for opt in state.optimizers.values():
         opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -277,6 +262,44 @@ def outer_step(cfg: DistillConfig, state: DistillState, *, model, layout: ParamL
         state.syn_lr.clamp_(min=cfg.alpha_min, max=cfg.alpha_max)
     if not math.isfinite(state.syn_lr.item()):
         raise DistillError(f"the step size alpha became {state.syn_lr.item()} at iteration {i}; lower lr_lr and start again with a new --out")
+
+
+def outer_step(cfg: DistillConfig, state: DistillState, *, model, layout: ParamLayout, experts: ExpertSet,
+               device: str, dsa_config: DSAConfig | None) -> dict[str, Any]:
+    """Sample an expert segment, unroll the student, and update the synthetic set, alpha and labels."""
+    i = state.iteration
+    gen = iteration_generator(cfg.seed, i)
+    k = expert_for_iteration(experts.indices, cfg.seed, i)
+    upper = start_epoch_upper(i, min_start_epoch=cfg.min_start_epoch, current_max_start_epoch=cfg.current_max_start_epoch,
+                              max_start_epoch=cfg.max_start_epoch, expansion_end_epoch=cfg.expansion_end_epoch,
+                              progressive=cfg.progressive)
+    t = sample_start_epoch(upper, min_start_epoch=cfg.min_start_epoch, generator=gen)
+    start, target = experts.checkpoints(k, [t, t + cfg.expert_epochs]).to(device)
+    student = _unroll(cfg, state, model=model, layout=layout, start=start, device=device, dsa_config=dsa_config,
+                      generator=gen)
+    loss = trajectory_loss(student, start, target)
+    record = {"iteration": i, "expert": k, "start_epoch": t, "max_start_epoch": upper, "loss": float(loss.detach()),
+              "syn_lr": state.syn_lr.item(), "skipped": False}
+    if not math.isfinite(record["loss"]):
+        raise DistillError(
+            f"matching loss became {record['loss']} at iteration {i} (expert {k}, start epoch {t}); lower lr_img, "
+            "lr_lr or syn_steps, or lower max_start_epoch, and start again with a new --out"
+        )
+    if loss.item() > cfg.threshold:  # decided before the backward pass: a skipped update costs no backward
+        _count_skip(cfg, state, record)
+        return record
+    state.consecutive_skips = 0
+    _update(cfg, state, loss=loss, record=record)
+    return record
+
+
+def _timed_step(run: _Run, state: DistillState) -> dict[str, Any]:
+    """One outer iteration; advances ``state.iteration`` and returns the iteration's record."""
+    t0 = time.time()
+    record = outer_step(run.cfg, state, model=run.model, layout=run.layout, experts=run.experts, device=run.device,
+                        dsa_config=run.dsa_config)
+    state.iteration += 1
+    record["seconds"] = round(time.time() - t0, 4)
     return record
 
 
@@ -287,14 +310,12 @@ def outer_step(cfg: DistillConfig, state: DistillState, *, model, layout: ParamL
 def targets_of(state: DistillState) -> torch.Tensor:
     """Evaluation targets: softmax of the label logits [n, classes], or hard labels [n]."""
     if state.label_logits is not None:
-        return F.softmax(state.label_logits.detach(), dim=1)
+        return soft_targets(state.label_logits.detach())
     return state.synthetic.labels_hard()
 
 
 def validate(cfg, state, *, model_spec, data, x_val, device) -> float:
     """Validation accuracy of networks trained on the current synthetic set (never the test split)."""
-    from mttlss.evaluate import EvalRecipe, evaluate_synthetic
-
     recipe = EvalRecipe(name="distill-val", epochs=cfg.eval_epochs, batch_size=cfg.eval_batch_size,
                         dsa=cfg.dsa, dsa_strategy=cfg.dsa_strategy, epoch_mode=cfg.eval_epoch_mode)
     with torch.no_grad():
@@ -310,6 +331,20 @@ def validate(cfg, state, *, model_spec, data, x_val, device) -> float:
     return float(res["mean"])
 
 
+def _validate(run: _Run, state: DistillState) -> float:
+    return validate(run.cfg, state, model_spec=run.experts.model, data=run.data, x_val=run.x_val, device=run.device)
+
+
+def _validate_if_due(run: _Run, state: DistillState, record: dict[str, Any]) -> None:
+    """At every eval_every-th and at the last iteration: record val_acc and keep the best set so far."""
+    cfg = run.cfg
+    due = state.iteration == cfg.iterations or (cfg.eval_every and state.iteration % cfg.eval_every == 0)
+    if cfg.select_on == "val" and len(run.x_val) and due:
+        record["val_acc"] = _validate(run, state)
+        if record["val_acc"] > state.best.get("val_acc", -1.0):
+            state.best = {"iteration": state.iteration, "val_acc": record["val_acc"], **_snapshot(state)}
+
+
 def _snapshot(state: DistillState) -> dict[str, Any]:
     return {
         "synthetic": {k: v.detach().cpu().clone() for k, v in state.synthetic.state_dict().items()},
@@ -318,7 +353,7 @@ def _snapshot(state: DistillState) -> dict[str, Any]:
     }
 
 
-def save_checkpoint(out: Path, cfg: DistillConfig, state: DistillState, description: dict, info: dict,
+def save_checkpoint(out: Path, *, cfg: DistillConfig, state: DistillState, description: dict, info: dict,
                     experts: ExpertSet) -> None:
     atomic_torch_save(out / CHECKPOINT, {
         "iteration": state.iteration,
@@ -339,11 +374,7 @@ def _experts_identity(experts: ExpertSet) -> dict:
     return {"identity": experts.manifest.get("identity"), "indices": experts.indices}
 
 
-def load_checkpoint(out: Path, cfg: DistillConfig, device: str, experts: ExpertSet) -> tuple[DistillState, dict] | None:
-    path = out / CHECKPOINT
-    if not path.exists():
-        return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+def _check_resumable(out: Path, ckpt: dict, *, cfg: DistillConfig, experts: ExpertSet) -> None:
     old = {k: v for k, v in ckpt["config"].items() if k not in _RESUMABLE_CHANGES}
     new = {k: v for k, v in cfg.to_dict().items() if k not in _RESUMABLE_CHANGES}
     if old != new:
@@ -353,14 +384,23 @@ def load_checkpoint(out: Path, cfg: DistillConfig, device: str, experts: ExpertS
     if json.loads(ckpt.get("experts", "null")) != _experts_identity(experts):
         raise DistillError(f"{out} was distilled from other experts (or another set of finished experts); resume it "
                            f"with the original --experts folder, or use another --out")
+
+
+def load_checkpoint(out: Path, *, cfg: DistillConfig, device: str, experts: ExpertSet) -> tuple[DistillState, dict] | None:
+    path = out / CHECKPOINT
+    if not path.exists():
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    _check_resumable(out, ckpt, cfg=cfg, experts=experts)
     syn = build_synthetic_set(json.loads(ckpt["description"]))
     syn.load_state_dict(ckpt["state"]["synthetic"])
     syn = syn.to(device)
     labels = ckpt["state"]["labels"]
     label_logits = None if labels is None else labels.to(device).requires_grad_(True)
     syn_lr = torch.tensor(ckpt["state"]["lr"], device=device, requires_grad=True)
-    state = DistillState(ckpt["iteration"], syn, label_logits, syn_lr, _optimizers(cfg, syn, label_logits, syn_lr),
-                         ckpt["consecutive_skips"], ckpt["total_skips"], ckpt["best"])
+    state = DistillState(iteration=ckpt["iteration"], synthetic=syn, label_logits=label_logits, syn_lr=syn_lr,
+                         optimizers=_optimizers(cfg, syn=syn, label_logits=label_logits, syn_lr=syn_lr),
+                         consecutive_skips=ckpt["consecutive_skips"], total_skips=ckpt["total_skips"], best=ckpt["best"])
     for k, opt in state.optimizers.items():
         opt.load_state_dict(ckpt["optimizers"][k])
     return state, json.loads(ckpt["init_info"])
@@ -381,6 +421,17 @@ def _truncate_log(path: Path, iteration: int) -> list[dict]:
     return records
 
 
+def _save_if_due(run: _Run, state: DistillState, *, stop_at: int, description: dict, info: dict) -> None:
+    """Grids every grid_every iterations; the resume checkpoint every checkpoint_every and where this call stops."""
+    cfg = run.cfg
+    if run.out is None:
+        return
+    if cfg.grid_every and state.iteration % cfg.grid_every == 0:
+        _save_grid(run.out / "grids" / f"iter_{state.iteration:06d}.png", syn=state.synthetic, pre=run.pre, data=run.data)
+    if state.iteration % cfg.checkpoint_every == 0 or state.iteration == stop_at:
+        save_checkpoint(run.out, cfg=cfg, state=state, description=description, info=info, experts=run.experts)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the loop
 
@@ -389,96 +440,30 @@ def distill(config: DistillConfig, *, experts: str | Path | ExpertSet, out: str 
             data: RealData | None = None, progress: bool = True, argv: list[str] | None = None) -> DistillResult:
     """Distill a synthetic set from ``experts``; with ``out``, checkpoint there, resume from it, and write
     ``out/synthetic.safetensors`` (the artifact), ``out/log.jsonl``, grids and curves."""
-    cfg = config.validate()
-    experts = experts if isinstance(experts, ExpertSet) else ExpertSet(experts)
-    _check_segments(cfg, experts)
-    device = default_device(cfg.device)
-    data = _load_real(experts, data)
-    pre: Preprocessor = experts.preprocessor().to(device)
-    model = build_model(experts.model, channels=data.channels, num_classes=data.num_classes, image_size=data.image_size).to(device)
-    layout = experts.check_model(model)
-    if has_buffers(model):
-        raise DistillError(f"model {experts.model['name']} has buffers (BatchNorm); trajectory matching needs a buffer-free "
-                           "network such as convnet with instancenorm")
-    x_val = pre(data.x_val.to(device))  # [N_val, C, H, W] training space
-    dsa_config = DSAConfig(strategy=cfg.dsa_strategy) if cfg.dsa else None
-    out = Path(out) if out is not None else None
-
-    resumed = load_checkpoint(out, cfg, device, experts) if out is not None else None
-    if resumed:
-        state, info = resumed
-    else:  # the training images are only needed to initialise (whitening 45k CIFAR images takes ~30 s on a CPU)
-        x_train = pre(data.x_train.to(device))  # [N, C, H, W] training space
-        state, info = _fresh_state(cfg, data, x_train, model, layout, experts, device)
-        del x_train
-        if cfg.select_on == "val" and len(x_val) and cfg.iterations > 0:
-            # the initialisation competes too: the selected set is never worse on validation than where it started
-            info["init_val_acc"] = validate(cfg, state, model_spec=experts.model, data=data, x_val=x_val, device=device)
-            state.best = {"iteration": 0, "val_acc": info["init_val_acc"], **_snapshot(state)}
+    run = _setup(config, experts=experts, out=out, data=data)
+    cfg, out = run.cfg, run.out
+    state, info, resumed = _start(run)
     description = state.synthetic.describe()
     history = _truncate_log(out / LOG, state.iteration) if out is not None else []
-    writer = _tensorboard(cfg, out)
+    sinks = open_sinks(cfg, out=out, log=out / LOG if out is not None else None, progress=progress,
+                       initial=state.iteration)
     if out is not None and not resumed:
         out.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(out, cfg, state, description, info, experts)
+        save_checkpoint(out, cfg=cfg, state=state, description=description, info=info, experts=run.experts)
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.iterations, initial=state.iteration, desc="distill", disable=None)
     stop_at = cfg.iterations if cfg.stop_after is None else min(cfg.iterations, state.iteration + cfg.stop_after)
-    model_spec = experts.model
     first_iteration = state.iteration
-    while state.iteration < stop_at:
-        t0 = time.time()
-        record = outer_step(cfg, state, model=model, layout=layout, experts=experts, device=device, dsa_config=dsa_config)
-        state.iteration += 1
-        record["seconds"] = round(time.time() - t0, 4)
-        done = state.iteration == cfg.iterations
-        if cfg.select_on == "val" and len(x_val) and (done or (cfg.eval_every and state.iteration % cfg.eval_every == 0)):
-            record["val_acc"] = validate(cfg, state, model_spec=model_spec, data=data, x_val=x_val, device=device)
-            if record["val_acc"] > state.best.get("val_acc", -1.0):
-                state.best = {"iteration": state.iteration, "val_acc": record["val_acc"], **_snapshot(state)}
-        history.append(record)
-        if out is not None:
-            with open(out / LOG, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-            if cfg.grid_every and state.iteration % cfg.grid_every == 0:
-                _save_grid(out / "grids" / f"iter_{state.iteration:06d}.png", state, pre, data)
-            if state.iteration % cfg.checkpoint_every == 0 or state.iteration == stop_at:
-                save_checkpoint(out, cfg, state, description, info, experts)
-        if writer is not None:
-            for key in ("loss", "syn_lr", "max_start_epoch", "val_acc"):
-                if key in record:
-                    writer.add_scalar(key, record[key], state.iteration)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['syn_lr']:.4f}", U=record["max_start_epoch"])
-    if bar is not None:
-        bar.close()
-    if writer is not None:
-        writer.close()
-
-    selection, final = _select(cfg, state)
-    syn = build_synthetic_set(description)
-    syn.load_state_dict(final["synthetic"])
-    labels = final["labels"] if final["labels"] is not None else syn.labels_hard()
-    artifact = None
-    ran = state.iteration > first_iteration
-    if out is not None and state.iteration == cfg.iterations and not ran and (out / ARTIFACT).exists():
-        artifact = out / ARTIFACT  # a finished run rerun: keep its artifact (and the results recorded in it)
-    elif out is not None and state.iteration == cfg.iterations:
-        artifact = _write_artifact(out, cfg, syn, labels, final["lr"], pre, data, experts, selection, info, argv)
-        _save_grid(out / "final_grid.png", None, pre, data, syn=syn)
-        try:
-            from mttlss.viz import plot_curves
-
-            if (out / LOG).exists():  # iterations=0 (the initialisation itself) has no log
-                plot_curves(out / LOG, out / "curves.png")
-        except Exception as exc:  # a picture must never cost the user the run
-            print(f"warning: could not draw the curves: {exc}", file=sys.stderr)
-    return DistillResult(out, artifact, syn, labels, float(final["lr"]), selection, history, info)
+    try:
+        while state.iteration < stop_at:
+            record = _timed_step(run, state)          # one outer iteration; state.iteration moves on by one
+            _validate_if_due(run, state, record)      # adds val_acc and keeps the best set, when due
+            history.append(record)
+            sinks.write(record)                       # log.jsonl, progress bar, TensorBoard
+            _save_if_due(run, state, stop_at=stop_at, description=description, info=info)
+    finally:
+        sinks.close()
+    return _finish(run, state, description=description, info=info, history=history,
+                   ran=state.iteration > first_iteration, argv=argv)
 
 
 def _select(cfg: DistillConfig, state: DistillState) -> tuple[dict, dict]:
@@ -488,24 +473,42 @@ def _select(cfg: DistillConfig, state: DistillState) -> tuple[dict, dict]:
     return {"select_on": "none", "iteration": state.iteration, "score": None, "metric": None}, _snapshot(state)
 
 
-def _write_artifact(out, cfg, syn, labels, lr, pre, data, experts, selection, info, argv) -> Path:
-    from mttlss.artifact import save_artifact
+def _finish(run: _Run, state: DistillState, *, description: dict, info: dict, history: list[dict], ran: bool,
+            argv: list[str] | None) -> DistillResult:
+    """The selected set; once all iterations are done, its artifact (and the final pictures) in ``run.out``."""
+    cfg, out = run.cfg, run.out
+    selection, final = _select(cfg, state)
+    syn = build_synthetic_set(description)
+    syn.load_state_dict(final["synthetic"])
+    labels = final["labels"] if final["labels"] is not None else syn.labels_hard()
+    artifact = None
+    finished = out is not None and state.iteration == cfg.iterations
+    if finished and not ran and (out / ARTIFACT).exists():
+        artifact = out / ARTIFACT  # a finished run rerun: keep its artifact (and the results recorded in it)
+    elif finished:
+        artifact = _write_artifact(run, syn=syn, labels=labels, lr=final["lr"], selection=selection, info=info, argv=argv)
+        _save_grid(out / "final_grid.png", syn=syn, pre=run.pre, data=run.data)
+        _plot_curves(out)
+    return DistillResult(out=out, artifact=artifact, synthetic=syn, labels=labels, syn_lr=float(final["lr"]),
+                         selection=selection, history=history, init_info=info)
 
-    dataset = {"name": data.name, "class_names": list(data.class_names), "num_classes": data.num_classes,
-               "image_shape": [data.channels, *data.image_size], "split": data.split,
-               "data_root": experts.dataset.get("data_root")}
+
+def _write_artifact(run: _Run, *, syn: SyntheticSet, labels: torch.Tensor, lr: float, selection: dict, info: dict,
+                    argv: list[str] | None) -> Path:
+    experts = run.experts
     experts_ref = {"path": str(experts.folder.resolve()), "num_experts": len(experts.indices), "epochs": experts.epochs,
                    "identity": experts.manifest.get("identity")}
-    return save_artifact(out / ARTIFACT, synthetic=syn, labels=labels, lr=lr, preprocessor=pre.to("cpu"), dataset=dataset,
-                         ipc=cfg.ipc, model=experts.model, experts=experts_ref, selection=selection, config=cfg.to_dict(),
+    return save_artifact(run.out / ARTIFACT, synthetic=syn, labels=labels, lr=lr, preprocessor=run.pre.to("cpu"),
+                         dataset=dataset_record(run.data, data_root=experts.dataset.get("data_root")), ipc=run.cfg.ipc,
+                         model=experts.model, experts=experts_ref, selection=selection, config=run.cfg.to_dict(),
                          extra={"init": info, "argv": argv if argv is not None else sys.argv})
 
 
-def _save_grid(path: Path, state: DistillState | None, pre: Preprocessor, data: RealData, syn: SyntheticSet | None = None) -> None:
+def _save_grid(path: Path, *, syn: SyntheticSet, pre: Preprocessor, data: RealData) -> None:
     try:
+        # imported here for its measured cost: viz pulls in matplotlib (~0.4 s), paid only when a picture is drawn
         from mttlss.viz import save_grid
 
-        syn = syn if syn is not None else state.synthetic
         with torch.no_grad():
             images = pre.to("cpu").inverse(syn.decode().cpu())  # pictures are drawn on the CPU
         save_grid(images, syn.labels_hard(), data.class_names, path)
@@ -513,11 +516,11 @@ def _save_grid(path: Path, state: DistillState | None, pre: Preprocessor, data: 
         print(f"warning: could not draw the image grid: {exc}", file=sys.stderr)
 
 
-def _tensorboard(cfg: DistillConfig, out: Path | None):
-    if not cfg.tensorboard:
-        return None
+def _plot_curves(out: Path) -> None:
     try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as exc:
-        raise DistillError("tensorboard=true needs the extra: pip install 'mttlss[tensorboard]'") from exc
-    return SummaryWriter(log_dir=str((out or Path("runs")) / "tensorboard"))
+        from mttlss.viz import plot_curves  # here for its measured cost (matplotlib, ~0.4 s), as in _save_grid
+
+        if (out / LOG).exists():  # iterations=0 (the initialisation itself) has no log
+            plot_curves(out / LOG, out / "curves.png")
+    except Exception as exc:  # a picture must never cost the user the run
+        print(f"warning: could not draw the curves: {exc}", file=sys.stderr)

@@ -91,3 +91,80 @@ def map_in_processes(fn: Callable[[Any], Any], items: Sequence[Any], *, workers:
     ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
     with ctx.Pool(workers) as pool:
         return pool.map(_call, [(fn, x, threads) for x in items], chunksize=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one distillation over several ranks: each rank computes the inner loss on its slice of the synthetic batch
+#
+# The matching loss is computed identically on every rank (theta, alpha and the expert segment are
+# replicated), so the collectives below have "replicated loss" semantics: a sum of per-rank partial inner
+# gradients whose backward is the identity, and a replicated parameter vector whose backward sums the
+# per-rank partial cotangents. With one process every function here returns its input.
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group; (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def local_positions(batch_size: int) -> slice:
+    """This rank's contiguous share of positions 0 .. batch_size - 1 (shares differ in size by at most one)."""
+    rank, size = world()
+    base, extra = divmod(batch_size, size)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over ranks (a new tensor, no graph); ``t`` itself with one process."""
+    if world()[1] == 1:
+        return t
+    out = t.detach().clone()
+    torch.distributed.all_reduce(out)
+    return out
+
+
+class _SumOfPartials(torch.autograd.Function):
+    """Forward: the sum over ranks of a partial result. Backward: identity (the loss above it is replicated)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return all_reduce_sum(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _Replicated(torch.autograd.Function):
+    """Forward: identity on a replicated tensor. Backward: the sum of every rank's partial cotangent."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce_sum(grad)
+
+
+def sum_of_partials(t: torch.Tensor) -> torch.Tensor:
+    """Differentiable sum over ranks of per-rank partial results, e.g. the inner gradient of a sliced batch."""
+    return t if world()[1] == 1 else _SumOfPartials.apply(t)
+
+
+def replicated(t: torch.Tensor) -> torch.Tensor:
+    """Mark a replicated tensor (theta_n) that every rank uses on its own slice: its gradient is summed."""
+    return t if world()[1] == 1 else _Replicated.apply(t)
+
+
+def reduce_partial_grads(tensors: list[torch.Tensor]) -> None:
+    """Sum the ``.grad`` of tensors whose gradient each rank holds only a part of (the synthetic factors, the
+    label logits), so that every rank takes the same outer update."""
+    if world()[1] == 1:
+        return
+    for t in tensors:
+        if t.grad is not None:
+            torch.distributed.all_reduce(t.grad)

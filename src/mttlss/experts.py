@@ -26,15 +26,16 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from tqdm.auto import tqdm
 
-import mttlss
+from mttlss import __version__
 from mttlss.augment import DSAConfig
-from mttlss.data import Preprocessor, RealData, load_dataset
-from mttlss.evaluate import evaluate_accuracy, train_one_epoch
+from mttlss.data import RealData, dataset_record, load_dataset
 from mttlss.distributed import DistInfo, barrier, init_distributed, map_in_processes, shard
 from mttlss.io_utils import atomic_save_safetensors, atomic_write_json
-from mttlss.matching import ParamLayout, flatten_params
-from mttlss.models import build_model, model_spec
+from mttlss.models import ParamLayout, build_model, flatten_params, model_spec
+from mttlss.preprocessing import Preprocessor
+from mttlss.training import evaluate_accuracy, train_one_epoch
 
 FORMAT = "mttlss-experts"
 FORMAT_VERSION = 1
@@ -96,7 +97,8 @@ def _data_and_preprocessor(cfg: ExpertConfig, out: Path | None) -> tuple[RealDat
     return data, pre
 
 
-def train_expert(index: int, cfg: ExpertConfig, data: RealData, pre: Preprocessor, *, device: str, progress: bool = False) -> dict:
+def train_expert(index: int, cfg: ExpertConfig, *, data: RealData, pre: Preprocessor, device: str,
+                 progress: bool = False) -> dict:
     """Train expert ``index``; returns {"trajectory" [E+1, P], "train_loss" [E], "val_acc" [E], ...}."""
     seed = cfg.seed + index
     torch.manual_seed(seed)  # network initialisation
@@ -112,14 +114,10 @@ def train_expert(index: int, cfg: ExpertConfig, data: RealData, pre: Preprocesso
     dsa_config = DSAConfig(strategy=cfg.dsa_strategy) if cfg.dsa else None
     trajectory = [flatten_params(model).cpu()]
     losses, val_accs = [], []
-    epochs = range(cfg.epochs)
-    if progress:
-        from tqdm.auto import tqdm
-
-        epochs = tqdm(epochs, desc=f"expert {index}", leave=False)
+    epochs = tqdm(range(cfg.epochs), desc=f"expert {index}", leave=False) if progress else range(cfg.epochs)
     for _ in epochs:
         loss = train_one_epoch(
-            net, opt, x_train, y_train, batch_size=cfg.batch_size, dsa_config=dsa_config, generator=gen,
+            net, opt, x=x_train, targets=y_train, batch_size=cfg.batch_size, dsa_config=dsa_config, generator=gen,
             bf16=cfg.bf16, channels_last=cfg.channels_last,
         )
         if not math.isfinite(loss):
@@ -156,19 +154,12 @@ def _save_expert(out: Path, index: int, result: dict) -> None:
 # the experts folder
 
 
-def _manifest(cfg: ExpertConfig, data: RealData, pre: Preprocessor, layout: ParamLayout) -> dict:
+def _manifest(cfg: ExpertConfig, *, data: RealData, pre: Preprocessor, layout: ParamLayout) -> dict:
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "identity": cfg.identity(),
-        "dataset": {
-            "name": data.name,
-            "class_names": list(data.class_names),
-            "num_classes": data.num_classes,
-            "image_shape": [data.channels, *data.image_size],
-            "split": data.split,
-            "data_root": cfg.data_root,
-        },
+        "dataset": dataset_record(data, data_root=cfg.data_root),
         "preprocessing": pre.meta(),
         "model": cfg.model,
         "parameter_layout": layout.as_list(),
@@ -180,7 +171,7 @@ def _manifest(cfg: ExpertConfig, data: RealData, pre: Preprocessor, layout: Para
         "seeds": f"expert k uses seed {cfg.seed} + k",
         "storage": "expert_<k>.safetensors: trajectory [epochs+1, num_params] float32 (row 0 = initialisation), "
                    "train_loss [epochs], val_acc [epochs]",
-        "versions": {"mttlss": mttlss.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        "versions": {"mttlss": __version__, "torch": torch.__version__, "python": platform.python_version()},
     }
 
 
@@ -201,7 +192,7 @@ def _prepare_folder(cfg: ExpertConfig, out: Path) -> tuple[RealData, Preprocesso
     if not manifest_file.exists():
         out.mkdir(parents=True, exist_ok=True)
         atomic_save_safetensors(out / "preprocess.safetensors", pre.state_dict())
-        atomic_write_json(manifest_file, _manifest(cfg, data, pre, layout))
+        atomic_write_json(manifest_file, _manifest(cfg, data=data, pre=pre, layout=layout))
     return data, pre, layout
 
 
@@ -209,7 +200,7 @@ def _train_and_save(args: tuple[int, ExpertConfig, str, str]) -> int:
     """Worker entry (module level so process pools can pickle it): each process loads its own data copy."""
     index, cfg, out, device = args
     data, pre = _data_and_preprocessor(cfg, Path(out))
-    _save_expert(Path(out), index, train_expert(index, cfg, data, pre, device=device))
+    _save_expert(Path(out), index, train_expert(index, cfg, data=data, pre=pre, device=device))
     return index
 
 
@@ -232,14 +223,11 @@ def train_experts(cfg: ExpertConfig, out: str | Path, *, workers: int = 1, progr
         map_in_processes(_train_and_save, [(k, cfg, str(out), info.device) for k in todo], workers=workers)
     else:
         show = progress and info.is_main
-        bar = None
-        if show:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(todo), desc="experts", disable=None)  # disable=None: quiet when not a terminal
+        bar = tqdm(total=len(todo), desc="experts", disable=None) if show else None  # disable=None: quiet off a terminal
         for k in todo:
             t0 = time.time()
-            result = train_expert(k, cfg, data, pre, device=info.device, progress=show and bar is not None and not bar.disable)
+            result = train_expert(k, cfg, data=data, pre=pre, device=info.device,
+                                  progress=show and bar is not None and not bar.disable)
             _save_expert(out, k, result)
             if bar is not None:
                 bar.update(1)

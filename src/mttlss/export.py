@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from mttlss.artifact import Artifact, load
 from mttlss.io_utils import atomic_torch_save, atomic_write_bytes, atomic_write_json
@@ -127,8 +128,6 @@ def _to_uint8_hwc(img: torch.Tensor) -> np.ndarray:
 
 
 def png_bytes(img: torch.Tensor) -> bytes:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(_to_uint8_hwc(img)).save(buf, format="PNG")
     return buf.getvalue()

@@ -8,6 +8,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+from safetensors.torch import save_file
+
 
 def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` on a temp file next to ``path``, fsync it, then rename it into place."""
@@ -45,13 +48,9 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 def atomic_save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
     """Save a dict of tensors with safetensors (contiguous CPU copies), atomically."""
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     return _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
-    import torch
-
     return _atomic(path, lambda tmp: torch.save(obj, tmp))

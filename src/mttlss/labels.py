@@ -12,11 +12,12 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from mttlss.matching import ParamLayout
+from mttlss.models import ParamLayout
 
 
 @torch.no_grad()
-def expert_logits(model: nn.Module, layout: ParamLayout, params: torch.Tensor, x: torch.Tensor, *, batch_size: int = 512) -> torch.Tensor:
+def expert_logits(model: nn.Module, layout: ParamLayout, *, params: torch.Tensor, x: torch.Tensor,
+                  batch_size: int = 512) -> torch.Tensor:
     """Logits [n, classes] of the network with flat parameters ``params`` [P] on ``x`` [n, C, H, W] (training space)."""
     named = layout.unflatten(params.to(x.device))
     out = [functional_call(model, named, (x[i : i + batch_size],)) for i in range(0, len(x), batch_size)]
@@ -24,25 +25,15 @@ def expert_logits(model: nn.Module, layout: ParamLayout, params: torch.Tensor, x
 
 
 @torch.no_grad()
-def correct_candidates(
-    model: nn.Module, layout: ParamLayout, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_classes: int
-) -> list[torch.Tensor]:
-    """Per class, the indices of the images in ``x`` that the network ``params`` classifies correctly."""
-    pred = expert_logits(model, layout, params, x).argmax(1).cpu()
-    y = y.cpu()
-    return [torch.nonzero((y == c) & (pred == c)).flatten() for c in range(num_classes)]
-
-
-@torch.no_grad()
 def init_soft_labels(
-    model: nn.Module, layout: ParamLayout, final_params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor
+    model: nn.Module, layout: ParamLayout, *, final_params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor
 ) -> torch.Tensor:
     """DATM-style initial logits [n, classes] for images ``x`` (training space) of classes ``y`` [n]."""
     total = None
     hits = torch.zeros(len(x), device=x.device)
     all_sum = None
     for params in final_params:
-        logits = expert_logits(model, layout, params, x)
+        logits = expert_logits(model, layout, params=params, x=x)
         correct = (logits.argmax(1) == y.to(x.device)).float()
         total = logits * correct[:, None] if total is None else total + logits * correct[:, None]
         all_sum = logits.clone() if all_sum is None else all_sum + logits

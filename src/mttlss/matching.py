@@ -14,60 +14,16 @@ the synthetic factors, the labels and alpha (second order, exact).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
 from mttlss.augment import DSAConfig, dsa
-from mttlss.evaluate import soft_cross_entropy
-
-# ---------------------------------------------------------------------------------------------------------
-# flat parameter vectors
-
-
-@dataclass(frozen=True)
-class ParamLayout:
-    """Names and shapes of a model's parameters, in ``named_parameters()`` order."""
-
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-
-    @classmethod
-    def of(cls, model: nn.Module) -> "ParamLayout":
-        named = list(model.named_parameters())
-        return cls(tuple(n for n, _ in named), tuple(tuple(p.shape) for _, p in named))
-
-    @property
-    def numels(self) -> list[int]:
-        return [math.prod(s) for s in self.shapes]
-
-    @property
-    def num_params(self) -> int:
-        return sum(self.numels)
-
-    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Named views into ``flat`` [P]; gradients w.r.t. the views flow back to ``flat``."""
-        if flat.numel() != self.num_params:
-            raise ValueError(
-                f"a flat parameter vector of {flat.numel()} values does not fit this network "
-                f"({self.num_params} parameters): the experts were trained with another architecture"
-            )
-        chunks = torch.split(flat, self.numels)
-        return {n: c.view(s) for n, c, s in zip(self.names, chunks, self.shapes)}
-
-    def as_list(self) -> list[list]:
-        return [[n, list(s)] for n, s in zip(self.names, self.shapes)]
-
-
-def flatten_params(model: nn.Module) -> torch.Tensor:
-    """The model's parameters as one detached flat vector [P]."""
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
+from mttlss.distributed import all_reduce_sum, local_positions, replicated, sum_of_partials
+from mttlss.models import ParamLayout
 
 # ---------------------------------------------------------------------------------------------------------
 # start-epoch window (method.md section 7)
@@ -109,11 +65,6 @@ def sample_start_epoch(upper: int, *, min_start_epoch: int, generator: torch.Gen
 # the student unroll
 
 
-def soft_label_loss(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
-    """Soft cross-entropy against softmax(label logits): DATM's loss for learnable soft labels."""
-    return soft_cross_entropy(logits, F.softmax(target_logits, dim=1))
-
-
 def batch_schedule(num_images: int, batch_syn: int, steps: int, generator: torch.Generator) -> list[torch.Tensor]:
     """Index batches for ``steps`` inner steps: a random permutation cut into chunks of ``batch_syn``, redrawn
     when it runs out (sampling without replacement within a pass)."""
@@ -128,6 +79,63 @@ def batch_schedule(num_images: int, batch_syn: int, steps: int, generator: torch
     return batches
 
 
+MEMORY_MODES = ("full", "checkpoint")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class InnerSteps:
+    """Everything inner step n needs besides theta_n, so that it can be replayed bit for bit.
+
+    ``decode(idx)`` gives the synthetic images of a batch ([b, C, H, W], training space) with a graph to the
+    learnables; ``label_loss(logits, idx)`` the loss against that batch's labels. Every random draw of a step
+    (DSA, random pairing) comes from ``generator`` (None: the global CPU generator), whose state before the
+    step is what a replay restores.
+    """
+
+    model: nn.Module
+    layout: ParamLayout
+    decode: Callable[[torch.Tensor], torch.Tensor]
+    label_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    batches: list[torch.Tensor]
+    dsa_config: DSAConfig | None
+    generator: torch.Generator | None
+    precision: str = "fp32"
+
+    def rng_state(self) -> torch.Tensor:
+        return self.generator.get_state() if self.generator is not None else torch.get_rng_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        if self.generator is not None:
+            self.generator.set_state(state)
+        else:
+            torch.set_rng_state(state)
+
+    def loss(self, theta: torch.Tensor, n: int, *, graph_to_images: bool = True) -> torch.Tensor:
+        """This rank's part of the inner loss l(f(A_n(x_Bn); theta), y_Bn) of step n, a scalar.
+
+        Under torchrun every rank decodes and augments the whole batch (cheap next to the network, and the
+        DSA draws stay those of one process) and runs the network on its slice; the parts sum to the batch mean.
+        """
+        idx = self.batches[n]
+        with torch.set_grad_enabled(graph_to_images and torch.is_grad_enabled()):
+            x = self.decode(idx)                                    # [b, C, H, W], training space
+            if self.dsa_config is not None:
+                x = dsa(x, config=self.dsa_config, generator=self.generator)
+        mine = local_positions(len(idx))
+        with torch.autocast(theta.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            logits = functional_call(self.model, self.layout.unflatten(theta), (x[mine],))
+        logits = logits.float() if self.precision == "bf16" else logits
+        part = self.label_loss(logits, idx[mine])
+        return part if mine == slice(0, len(idx)) else part * (logits.shape[0] / len(idx))
+
+    def gradient(self, theta: torch.Tensor, n: int, *, create_graph: bool, graph_to_images: bool = True) -> torch.Tensor:
+        """(Rank-local part of) the inner gradient grad_theta l at step n, [P]."""
+        (grad,) = torch.autograd.grad(self.loss(theta, n, graph_to_images=graph_to_images), theta,
+                                      create_graph=create_graph)
+        return grad
+
+
 def unroll_student(
     model: nn.Module,
     layout: ParamLayout,
@@ -139,23 +147,102 @@ def unroll_student(
     batches: list[torch.Tensor],
     dsa_config: DSAConfig | None,
     generator: torch.Generator | None,
+    memory: str = "full",
+    learnables: tuple[torch.Tensor, ...] = (),
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Train a student from ``start`` [P] for len(batches) SGD steps on synthetic batches; return theta_N [P].
 
-    ``decode(idx)`` gives the synthetic images of a batch ([b, C, H, W], training space) with a graph to the
-    factors; ``label_loss(logits, idx)`` the loss against that batch's labels. The returned vector keeps the
-    graph of every step (memory grows with syn_steps x batch_syn, as in MTT).
+    ``memory="full"`` keeps the graph of every step until the outer backward (memory grows with
+    syn_steps x batch_syn, as in MTT). ``memory="checkpoint"`` keeps only theta_n [P] and the generator state
+    of each step and replays one step at a time in the backward pass: the same gradients, memory flat in
+    syn_steps, about one extra forward and backward per step. In checkpoint mode ``learnables`` must list every
+    tensor that ``decode`` and ``label_loss`` read and that should get a gradient (synthetic factors, label
+    logits); ``syn_lr`` gets its gradient in both modes.
     """
+    if memory not in MEMORY_MODES or precision not in PRECISIONS:
+        raise ValueError(f"memory={memory!r}, precision={precision!r}: use memory in {MEMORY_MODES} and precision in "
+                         f"{PRECISIONS}")
+    steps = InnerSteps(model=model, layout=layout, decode=decode, label_loss=label_loss, batches=batches,
+                       dsa_config=dsa_config, generator=generator, precision=precision)
+    if memory == "checkpoint":
+        return _CheckpointedUnroll.apply(steps, start, syn_lr, *learnables)
     theta = start.detach().clone().requires_grad_(True)
-    for idx in batches:
-        x = decode(idx)
-        if dsa_config is not None:
-            x = dsa(x, config=dsa_config, generator=generator)
-        logits = functional_call(model, layout.unflatten(theta), (x,))
-        loss = label_loss(logits, idx)
-        (grad,) = torch.autograd.grad(loss, theta, create_graph=True)
-        theta = theta - syn_lr * grad
+    for n in range(len(batches)):
+        mine = replicated(theta)  # every rank's slice uses theta_n: its cotangent is summed over ranks
+        theta = theta - syn_lr * sum_of_partials(steps.gradient(mine, n, create_graph=True))
     return theta
+
+
+class _CheckpointedUnroll(torch.autograd.Function):
+    """theta_N of the unroll, with a backward pass that replays the steps last to first (exact, reverse mode).
+
+    With theta_{n+1} = theta_n - alpha g_n and the adjoint a = dL/dtheta_{n+1}, one replayed step gives
+    dL/dtheta_n = a - alpha H_n a, dL/dalpha += -<g_n, a> and dL/dphi += -alpha (dg_n/dphi)^T a for the
+    learnables phi, where H_n a and (dg_n/dphi)^T a come from one double backward of <g_n, a>.
+    """
+
+    @staticmethod
+    def forward(ctx, steps: InnerSteps, start: torch.Tensor, syn_lr: torch.Tensor, *learnables: torch.Tensor):
+        alpha = syn_lr.detach()
+        thetas: list[torch.Tensor] = []      # theta_n [P] for n = 0 .. N-1, the only per-step memory
+        states: list[torch.Tensor] = []      # the generator state before step n
+        theta = start.detach()
+        for n in range(len(steps.batches)):
+            thetas.append(theta)
+            states.append(steps.rng_state())
+            with torch.enable_grad():
+                leaf = theta.detach().requires_grad_(True)
+                grad = all_reduce_sum(steps.gradient(leaf, n, create_graph=False, graph_to_images=False))
+            theta = theta - alpha * grad
+        ctx.steps, ctx.thetas, ctx.states = steps, thetas, states
+        ctx.save_for_backward(syn_lr, *learnables)
+        return theta
+
+    @staticmethod
+    def backward(ctx, adjoint: torch.Tensor):
+        steps: InnerSteps = ctx.steps
+        syn_lr, *learnables = ctx.saved_tensors
+        alpha = syn_lr.detach()
+        grads: list[torch.Tensor | None] = [None] * len(learnables)
+        alpha_grad = torch.zeros_like(alpha)
+        after = steps.rng_state()  # restored at the end: the caller's generator moves on as after the forward
+        for n in reversed(range(len(steps.batches))):
+            steps.set_rng_state(ctx.states[n])
+            with torch.enable_grad():
+                leaf = ctx.thetas[n].detach().requires_grad_(True)
+                grad = steps.gradient(leaf, n, create_graph=True)   # this rank's part g_n^r
+                hvp, *vjps = torch.autograd.grad(grad, [leaf, *learnables], grad_outputs=adjoint, allow_unused=True)
+            # replicated: alpha's gradient and the adjoint use the whole g_n and H_n a; the learnables' parts
+            # are summed over ranks by the caller (distributed.reduce_partial_grads) before the update
+            alpha_grad = alpha_grad - torch.dot(all_reduce_sum(grad.detach()), adjoint)
+            hvp = all_reduce_sum(hvp) if hvp is not None else None
+            for j, vjp in enumerate(vjps):
+                if vjp is not None:
+                    grads[j] = -alpha * vjp if grads[j] is None else grads[j] - alpha * vjp
+            if hvp is not None:  # None only for a network whose loss is linear in theta
+                adjoint = adjoint - alpha * hvp
+        steps.set_rng_state(after)
+        return (None, adjoint, alpha_grad, *grads)
+
+
+def graph_bytes_per_step(steps: InnerSteps, start: torch.Tensor) -> int:
+    """Bytes that full mode keeps alive per inner step: the tensors that autograd saves for step 0's forward and
+    create_graph backward, each storage counted once. Measured, so it holds for any network and batch size;
+    the generator is left as it was."""
+    sizes: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        sizes[storage.data_ptr()] = max(sizes.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
+
+    state = steps.rng_state()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        theta = start.detach().clone().requires_grad_(True)
+        steps.gradient(replicated(theta), 0, create_graph=True)
+    steps.set_rng_state(state)
+    return sum(sizes.values())
 
 
 def trajectory_loss(student: torch.Tensor, start: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -1,14 +1,18 @@
-"""Networks used for experts, matching and evaluation, plus a small registry.
+"""Networks used for experts, matching and evaluation, a small registry, and their flat parameter layout.
 
 The default is ConvNet-3 (method.md section 4). Its module structure and parameter order follow the
 reference MTT ConvNet, so trajectories saved by mtt-distillation (flat per-epoch parameter lists in
-`named_parameters` order) can be imported unchanged.
+`named_parameters` order) can be imported unchanged. ``ParamLayout`` / ``flatten_params`` are that order:
+how an expert trajectory stores a network as one vector [P], and how matching cuts a vector back into the
+named tensors ``torch.func.functional_call`` takes.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -269,13 +273,49 @@ def build_model(spec: dict | str, *, channels: int, num_classes: int, image_size
                                 image_size=tuple(image_size), **resolved)
 
 
-def parameter_layout(model: nn.Module) -> list[tuple[str, list[int]]]:
-    """(name, shape) per parameter in named_parameters order: the layout of a flat trajectory vector."""
-    return [(n, list(p.shape)) for n, p in model.named_parameters()]
+# ---------------------------------------------------------------------------------------------------
+# flat parameter vectors: how expert trajectories are stored and how matching unrolls a student
+# ---------------------------------------------------------------------------------------------------
 
 
-def num_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+@dataclass(frozen=True, kw_only=True)
+class ParamLayout:
+    """Names and shapes of a model's parameters, in ``named_parameters()`` order: the layout of a flat vector [P]."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "ParamLayout":
+        named = list(model.named_parameters())
+        return cls(names=tuple(n for n, _ in named), shapes=tuple(tuple(p.shape) for _, p in named))
+
+    @property
+    def numels(self) -> list[int]:
+        return [math.prod(s) for s in self.shapes]
+
+    @property
+    def num_params(self) -> int:
+        return sum(self.numels)
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named views into ``flat`` [P]; gradients w.r.t. the views flow back to ``flat``."""
+        if flat.numel() != self.num_params:
+            raise ValueError(
+                f"a flat parameter vector of {flat.numel()} values does not fit this network "
+                f"({self.num_params} parameters): the experts were trained with another architecture"
+            )
+        chunks = torch.split(flat, self.numels)
+        return {n: c.view(s) for n, c, s in zip(self.names, chunks, self.shapes)}
+
+    def as_list(self) -> list[list]:
+        """[[name, shape], ...]: the JSON form stored in an experts manifest."""
+        return [[n, list(s)] for n, s in zip(self.names, self.shapes)]
+
+
+def flatten_params(model: nn.Module) -> torch.Tensor:
+    """The model's parameters as one detached flat vector [P], in ``ParamLayout.of(model)`` order."""
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 def has_buffers(model: nn.Module) -> bool:

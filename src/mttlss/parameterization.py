@@ -32,10 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-PARAMS = ("pixel", "lowrank")
-CODES = ("full", "diag")
-SUBSPACES = ("per_class", "shared")
-PAIRINGS = ("fixed", "random")
+from mttlss.config import CHOICES
+
+PARAMS, CODES, SUBSPACES, PAIRINGS = (CHOICES[k] for k in ("param", "code", "subspaces", "pairing"))
 
 __all__ = [
     "BudgetError",

@@ -11,7 +11,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from mttlss.artifact import load, read_manifest
+from mttlss.baselines import random_real_artifact
+from mttlss.config import resolve_config
+from mttlss.distillation import distill
+from mttlss.evaluate import evaluate_artifact
+from mttlss.experts import ExpertConfig, train_experts
 from mttlss.io_utils import atomic_write_json, atomic_write_text
+from mttlss.models import model_spec
 
 # One place for the quickstart's sizes. Digits are 1x8x8, 10 classes, ~1,300 training images, so a small
 # ConvNet (width 32, depth 2: 8 -> 4 -> 2 px) trains an expert epoch in a fraction of a second.
@@ -45,13 +52,7 @@ def _plan(fast: bool) -> dict:
 
 
 def quickstart(*, out: str | Path = "mttlss-quickstart", fast: bool = False, progress: bool = True) -> dict:
-    from mttlss.baselines import random_real_artifact
-    from mttlss.config import resolve_config
-    from mttlss.distillation import distill
-    from mttlss.evaluate import evaluate_artifact
-    from mttlss.experts import ExpertConfig, train_experts
-    from mttlss.models import model_spec
-    from mttlss.viz import show_artifact
+    from mttlss.viz import show_artifact  # here for its measured cost: matplotlib adds ~0.4 s to every CLI start
 
     out = Path(out)
     plan = _plan(fast)
@@ -79,13 +80,11 @@ def quickstart(*, out: str | Path = "mttlss-quickstart", fast: bool = False, pro
     for method, path in artifacts.items():
         res = evaluate_artifact(path, runs=plan["eval"]["runs"], epochs=plan["eval"]["epochs"], recipe=plan["eval"]["recipe"],
                                 record=True)
-        from mttlss.artifact import read_manifest
-
         m = read_manifest(path)
         rows.append({"method": method, "images_per_class": m["storage"]["images_per_class"],
                      "stored_floats": m["storage"]["stored_floats_images"], "label_floats": m["storage"]["label_floats"],
                      "test_acc_mean": res["mean"], "test_acc_std": res["std"], "accs": res["accs"], "artifact": str(path)})
-    pictures = show_artifact(__import__("mttlss").load(artifacts["MTT-LSS (lowrank)"]), out / "lowrank_grid.png")
+    pictures = show_artifact(load(artifacts["MTT-LSS (lowrank)"]), out / "lowrank_grid.png")
     table = _table(rows)
     report = {"plan": plan, "expert_val_acc": expert_acc, "results": rows, "seconds": round(time.time() - t0, 1),
               "pictures": [str(p) for p in pictures]}

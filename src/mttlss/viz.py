@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 # Figure objects without pyplot: PNGs render through Agg and no display or global backend switch is involved
 # (calling matplotlib.use here would change the backend of a user's notebook).
 from matplotlib.figure import Figure
@@ -61,8 +62,6 @@ def grid_array(images_pixels: torch.Tensor, hard_labels: torch.Tensor, num_class
 
 
 def _save_png(path, arr: np.ndarray) -> Path:
-    from PIL import Image
-
     u8 = (np.clip(arr, 0, 1) * 255.0).round().astype(np.uint8)
     img = Image.fromarray(u8[:, :, 0] if u8.shape[2] == 1 else u8)
     buf = io.BytesIO()

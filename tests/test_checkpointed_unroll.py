@@ -1,0 +1,142 @@
+"""memory="checkpoint" replays the unroll one step at a time: its gradients must equal full mode's."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mttlss.augment import DSAConfig
+from mttlss.distributed import reduce_partial_grads
+from mttlss.matching import batch_schedule, trajectory_loss, unroll_student
+from mttlss.models import ParamLayout, build_model, flatten_params, model_spec
+from mttlss.parameterization import LowRankSet
+from mttlss.training import soft_label_loss
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _lowrank_problem(dtype):
+    """A tiny ConvNet, a low-rank set with random pairing (randomness inside decode), soft labels, DSA."""
+    torch.manual_seed(0)
+    model = build_model(model_spec("convnet", width=6, depth=2), channels=3, num_classes=3, image_size=(16, 16)).to(dtype)
+    gen = torch.Generator().manual_seed(3)
+    syn = LowRankSet(num_classes=3, image_shape=(3, 16, 16), images_per_class=4, rank=3, subspaces="shared",
+                     num_subspaces=2, pairing="random").to(dtype)
+    with torch.no_grad():
+        for p in syn.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype))
+    label_logits = torch.randn(syn.num_images, 3, generator=gen, dtype=dtype, requires_grad=True)
+    start = flatten_params(model)
+    target = start + 0.05 * torch.randn(start.shape, generator=gen, dtype=dtype)
+    return model, syn, label_logits, start, target
+
+
+def _loss_and_grads(memory, dtype=torch.float64, dsa_config=DSAConfig()):
+    model, syn, label_logits, start, target = _lowrank_problem(dtype)
+    syn_lr = torch.tensor(0.05, dtype=dtype, requires_grad=True)
+    gen = torch.Generator().manual_seed(11)
+    batches = batch_schedule(syn.num_images, 5, 6, gen)
+    learnables = (*syn.parameters(), label_logits)
+    theta = unroll_student(model, ParamLayout.of(model), start, decode=lambda idx: syn.decode(idx, generator=gen),
+                           label_loss=lambda z, idx: soft_label_loss(z, label_logits[idx]), syn_lr=syn_lr,
+                           batches=batches, dsa_config=dsa_config, generator=gen, memory=memory, learnables=learnables)
+    loss = trajectory_loss(theta, start, target)
+    grads = torch.autograd.grad(loss, (*learnables, syn_lr))
+    return loss.detach(), grads, gen.get_state()
+
+
+def test_checkpoint_mode_gradients_equal_full_mode_in_float64():
+    loss_full, grads_full, state_full = _loss_and_grads("full")
+    loss_ckpt, grads_ckpt, state_ckpt = _loss_and_grads("checkpoint")
+    assert torch.equal(loss_full, loss_ckpt)
+    assert len(grads_full) == len(list(_lowrank_problem(torch.float64)[1].parameters())) + 2  # factors, labels, alpha
+    for g_full, g_ckpt in zip(grads_full, grads_ckpt):
+        assert g_full.abs().sum() > 0  # every learnable really gets a gradient
+        assert _relative_error(g_ckpt, g_full) <= 1e-8
+    # the replay restores the generator: the caller's next draws are the same in both modes
+    assert torch.equal(state_full, state_ckpt)
+
+
+def test_checkpoint_mode_without_augmentation_or_learnables_still_trains_alpha():
+    model, syn, _, start, target = _lowrank_problem(torch.float64)
+    x = syn.decode().detach()
+    y = syn.labels_hard()
+    batches = batch_schedule(len(x), 4, 3, torch.Generator().manual_seed(0))
+    grads = []
+    for memory in ("full", "checkpoint"):
+        syn_lr = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+        theta = unroll_student(model, ParamLayout.of(model), start, decode=lambda idx: x[idx],
+                               label_loss=lambda z, idx: F.cross_entropy(z, y[idx]), syn_lr=syn_lr, batches=batches,
+                               dsa_config=None, generator=None, memory=memory)
+        trajectory_loss(theta, start, target).backward()
+        grads.append(syn_lr.grad)
+    assert grads[0] != 0
+    assert abs(float(grads[1] - grads[0])) <= 1e-8 * abs(float(grads[0]))
+
+
+def test_checkpoint_mode_matches_full_mode_on_the_real_size_convnet_in_float32():
+    """ConvNet-3 width 128 on CIFAR-10 shapes, hard labels, DSA: one outer iteration's pixel gradient."""
+    torch.manual_seed(0)
+    model = build_model(model_spec("convnet", width=128, depth=3), channels=3, num_classes=10, image_size=(32, 32))
+    layout = ParamLayout.of(model)
+    start = flatten_params(model)
+    target = start + 0.01 * torch.randn(start.shape, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(20) % 10
+    results = []
+    for memory in ("full", "checkpoint"):
+        x = torch.randn(20, 3, 32, 32, generator=torch.Generator().manual_seed(2), requires_grad=True)  # training space
+        syn_lr = torch.tensor(0.01, requires_grad=True)
+        gen = torch.Generator().manual_seed(5)
+        batches = batch_schedule(20, 10, 4, gen)
+        theta = unroll_student(model, layout, start, decode=lambda idx: x[idx],
+                               label_loss=lambda z, idx: F.cross_entropy(z, y[idx]), syn_lr=syn_lr, batches=batches,
+                               dsa_config=DSAConfig(), generator=gen, memory=memory, learnables=(x,))
+        trajectory_loss(theta, start, target).backward()
+        results.append((x.grad, syn_lr.grad))
+    (gx_full, ga_full), (gx_ckpt, ga_ckpt) = results
+    assert _relative_error(gx_ckpt, gx_full) <= 1e-4
+    assert abs(float(ga_ckpt - ga_full)) <= 1e-4 * abs(float(ga_full))
+
+
+def test_unknown_memory_mode_or_precision_names_the_choices():
+    model, syn, _, start, _ = _lowrank_problem(torch.float64)
+    kwargs = dict(decode=lambda idx: syn.decode(idx), label_loss=lambda z, idx: z.sum(), syn_lr=torch.tensor(0.1),
+                  batches=[torch.arange(2)], dsa_config=None, generator=None)
+    with pytest.raises(ValueError, match="checkpoint"):
+        unroll_student(model, ParamLayout.of(model), start, memory="tesla-ish", **kwargs)
+    with pytest.raises(ValueError, match="bf16"):
+        unroll_student(model, ParamLayout.of(model), start, precision="fp8", **kwargs)
+
+
+def _rank_worker(rank: int, world_size: int, store: str, out: str, memory: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        model, syn, label_logits, start, target = _lowrank_problem(torch.float64)
+        syn_lr = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+        gen = torch.Generator().manual_seed(11)
+        batches = batch_schedule(syn.num_images, 5, 6, gen)
+        learnables = (*syn.parameters(), label_logits)
+        theta = unroll_student(model, ParamLayout.of(model), start, decode=lambda idx: syn.decode(idx, generator=gen),
+                               label_loss=lambda z, idx: soft_label_loss(z, label_logits[idx]), syn_lr=syn_lr,
+                               batches=batches, dsa_config=DSAConfig(), generator=gen, memory=memory,
+                               learnables=learnables)
+        loss = trajectory_loss(theta, start, target)
+        loss.backward()
+        reduce_partial_grads(list(learnables))
+        torch.save({"loss": loss.detach(), "grads": [t.grad for t in (*learnables, syn_lr)]}, f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("memory", ["full", "checkpoint"])
+def test_two_gloo_ranks_give_the_single_process_loss_and_gradients(tmp_path, memory):
+    loss_one, grads_one, _ = _loss_and_grads(memory)
+    out = str(tmp_path / "ranks")
+    torch.multiprocessing.spawn(_rank_worker, args=(2, str(tmp_path / "store"), out, memory), nprocs=2)
+    for rank in range(2):
+        got = torch.load(f"{out}.{rank}", weights_only=True)
+        assert abs(float(got["loss"] - loss_one)) <= 1e-12
+        for g_rank, g_one in zip(got["grads"], grads_one):
+            assert _relative_error(g_rank, g_one) <= 1e-10
