@@ -19,7 +19,8 @@ The pipeline, one module per stage; each module uses only modules above it in th
     records         where a run's per-iteration records go (log.jsonl, progress bar, TensorBoard)
     distillation    the outer loop
     baselines, export, quickstart   random real images at the same storage, other tools' formats, the demo
-    cli             a thin layer on top (io_utils and distributed are small utilities used throughout)
+    cli             a thin layer on top (io_utils, distributed and runtime are small utilities used throughout:
+                    atomic files; torchrun ranks and the rank-sliced inner step; the CPU allocator setting)
 
     import mttlss
     cfg = mttlss.resolve_config(preset="cifar10_ipc1_lowrank")
@@ -39,6 +40,7 @@ from mttlss.config import DistillConfig, resolve_config  # noqa: E402
 from mttlss.distillation import distill  # noqa: E402
 from mttlss.evaluate import evaluate_artifact  # noqa: E402
 from mttlss.experts import ExpertConfig, ExpertSet, train_experts  # noqa: E402
+from mttlss.runtime import tune_allocator  # noqa: E402
 
 __all__ = ["Artifact", "DistillConfig", "ExpertConfig", "ExpertSet", "distill", "evaluate_artifact", "load",
-           "resolve_config", "save_artifact", "train_experts", "__version__"]
+           "resolve_config", "save_artifact", "train_experts", "tune_allocator", "__version__"]

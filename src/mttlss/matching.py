@@ -7,9 +7,17 @@ One outer iteration of MTT (method.md section 3):
     L = ||theta_N - theta*_{t+M}||^2 / ||theta*_t - theta*_{t+M}||^2       (M = expert_epochs)
 
 Parameters travel as one flat vector [P] (the layout of ``model.named_parameters()``), which is also how
-expert trajectories are stored, and are cut into named views for ``torch.func.functional_call``. The
-inner gradients are built with ``create_graph=True``, so L backpropagates through the whole unroll into
-the synthetic factors, the labels and alpha (second order, exact).
+expert trajectories are stored, and are cut into named views for ``torch.func.functional_call``. L
+backpropagates through the whole unroll into the synthetic factors, the labels and alpha (second order,
+exact), in one of two ways that give the same gradients:
+
+- ``memory="full"`` (MTT's way): the inner gradients are built with ``create_graph=True`` and every step's
+  graph lives until the outer backward, so memory grows with syn_steps x batch_syn.
+- ``memory="checkpoint"``: the forward keeps theta_n [P] and the generator state of each step only; the
+  backward replays the steps last to first, one graph alive at a time (``_CheckpointedUnroll``).
+
+Under torchrun each rank runs the network on its slice of every synthetic batch and the inner gradient is
+summed over ranks (``mttlss.distributed``); with one process those sums are the identity.
 """
 
 from __future__ import annotations
@@ -185,16 +193,18 @@ class _CheckpointedUnroll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, steps: InnerSteps, start: torch.Tensor, syn_lr: torch.Tensor, *learnables: torch.Tensor):
         alpha = syn_lr.detach()
-        thetas: list[torch.Tensor] = []      # theta_n [P] for n = 0 .. N-1, the only per-step memory
+        # theta_n for n = 0 .. N-1, the only per-step memory: one block allocated up front, so that N small
+        # allocations do not land between the steps' large activation buffers and fragment the heap
+        thetas = start.new_empty((len(steps.batches), start.numel()))   # [N, P]
         states: list[torch.Tensor] = []      # the generator state before step n
-        theta = start.detach()
+        theta = start.detach().clone()       # updated in place: [P]
         for n in range(len(steps.batches)):
-            thetas.append(theta)
+            thetas[n].copy_(theta)
             states.append(steps.rng_state())
             with torch.enable_grad():
-                leaf = theta.detach().requires_grad_(True)
+                leaf = thetas[n].detach().requires_grad_(True)
                 grad = all_reduce_sum(steps.gradient(leaf, n, create_graph=False, graph_to_images=False))
-            theta = theta - alpha * grad
+            theta.sub_(alpha * grad)
         ctx.steps, ctx.thetas, ctx.states = steps, thetas, states
         ctx.save_for_backward(syn_lr, *learnables)
         return theta
