@@ -3,15 +3,24 @@
     python benchmarks/cifar10.py                      # CPU scale (about 44 min on 2 cores), IPC 1 and 10
     python benchmarks/cifar10.py --ipcs 1             # one budget only
     python benchmarks/cifar10.py --scale paper        # the field's protocol (needs a GPU and hours)
+    python benchmarks/cifar10.py --expert-epochs 1    # weak experts: each trained for one epoch (own folder)
+    python benchmarks/cifar10.py --smoke --ipcs 1     # ~14 min on 2 cores: the pipeline runs; the numbers mean nothing
 
-The same experts serve every method. At each IPC storage budget it builds four sets and evaluates each with
+The same experts serve every method. At each IPC storage budget it builds these sets and evaluates each with
 the same recipe on the test split (tested once, after the last epoch, mean +- std over seeded networks):
 
     random real        IPC random training images per class, hard labels, lr 0.01
     lowrank init       real images re-coded into the low-rank subspaces (2-D PCA), no distillation;
-                       reported with hard labels and with the experts' initial soft labels
-    pixel MTT          pixel-space trajectory matching (same matching settings, soft labels)
-    MTT-LSS            low-rank space sampling + soft labels + progressive schedule
+                       reported with hard labels and with the experts' initial soft labels (temperature
+                       chosen on validation)
+    pixel MTT          pixel-space trajectory matching (same matching settings, labels=auto)
+    MTT-LSS            low-rank space sampling + progressive schedule, labels=auto: soft or hard, whichever
+                       scores better on validation at the start (the table says which, and both scores)
+    MTT-LSS, labels counted   soft labels charged against the budget (count_labels=true): fewer images
+    MTT-LSS, hard labels      no label floats at all
+
+Every soft-label row shows its label floats beside the image floats: soft labels are storage too, which DATM
+and TESLA leave out of the budget (they are not stored compactly here: float32 logits, images x classes).
 
 Nothing is selected on the test split: distillation keeps the set with the best *validation* accuracy, and
 the CPU settings below were tuned on the validation split with ``benchmarks/cifar10_tune.py``.
@@ -21,6 +30,8 @@ Results: ``<out>/results.json`` and ``<out>/results.md``; every stage is resumab
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import platform
 import statistics
 import sys
@@ -80,8 +91,37 @@ SCALES = {
 }
 
 
+LABEL_STATS = ("agreement", "mean_max_prob", "mean_own_prob")  # the artifact's labels record (labels.label_stats)
+
+
 def stage(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --smoke: every stage on tiny sizes, to check that the pipeline runs (13.6 min on 2 cores with --ipcs 1: 4 for the
+# experts, ~35 s per distillation folder to set up, ~15 s per validation at the start)
+SMOKE = {"experts": {"num_experts": 2, "epochs": 1}, "eval": {"runs": 1, "epochs": 10},
+         "matching": {"eval_epochs": 10, "eval_every": 0}, "max_iterations": 2}
+
+
+def plan_for(scale: str, *, expert_epochs: int | None, smoke: bool) -> dict:
+    """The scale's sizes, with the experts' epochs overridden and the smoke check's reductions applied."""
+    plan = copy.deepcopy(SCALES[scale])
+    if smoke:
+        for key in ("experts", "eval", "matching"):
+            plan[key].update(SMOKE[key])
+        plan["max_iterations"] = SMOKE["max_iterations"]
+    if expert_epochs is not None:
+        plan["experts"]["epochs"] = expert_epochs
+    return plan
+
+
+def fit_window(cfg, epochs: int) -> dict:
+    """Matching segment and start-epoch window shrunk to experts of ``epochs`` stored epochs (a no-op when they
+    fit): segments need max_start_epoch - 1 + expert_epochs <= epochs."""
+    m = min(cfg.expert_epochs, epochs)
+    top = min(cfg.max_start_epoch, epochs - m + 1)
+    return {"expert_epochs": m, "max_start_epoch": top, "current_max_start_epoch": min(cfg.current_max_start_epoch, top)}
 
 
 def build_experts(plan: dict, out: Path, device: str | None):
@@ -96,10 +136,15 @@ def distill_config(plan: dict, ipc: int, param: str, **extra):
 
     setting = plan["ipc"][ipc]
     if "preset" in setting:
-        return resolve_config(preset=f"{setting['preset']}_{param}", **plan["matching"], **extra)
-    values = {"ipc": ipc, "param": param, "iterations": setting["iterations"], **plan["matching"], **setting["window"],
-              **setting[param], **extra}
-    return resolve_config(**values)
+        cfg = resolve_config(preset=f"{setting['preset']}_{param}", **plan["matching"], **extra)
+    else:
+        values = {"ipc": ipc, "param": param, "iterations": setting["iterations"], **plan["matching"],
+                  **setting["window"], **setting[param], **extra}
+        cfg = resolve_config(**values)
+    cfg = dataclasses.replace(cfg, **fit_window(cfg, plan["experts"]["epochs"]))
+    if "max_iterations" in plan:
+        cfg.iterations = min(cfg.iterations, plan["max_iterations"])
+    return cfg.validate()
 
 
 def run_distill(cfg, experts, out: Path, data) -> tuple[Path, float]:
@@ -128,15 +173,20 @@ def main() -> int:
     ap.add_argument("--ipcs", type=int, nargs="+", default=[1, 10])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "cifar10"))
     ap.add_argument("--device", default=None)
+    ap.add_argument("--expert-epochs", type=int, default=None,
+                    help="train the experts for this many epochs (1: weak experts); the matching window shrinks to fit")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes: check that the pipeline runs (about 14 min on 2 cores)")
     args = ap.parse_args()
 
-    from mttlss.artifact import read_manifest
+    from mttlss.artifact import label_summary, read_manifest
     from mttlss.baselines import random_real_artifact
     from mttlss.data import load_recorded
     from mttlss.io_utils import atomic_write_json, atomic_write_text
 
-    plan = SCALES[args.scale]
-    out = Path(args.out) / args.scale
+    plan = plan_for(args.scale, expert_epochs=args.expert_epochs, smoke=args.smoke)
+    # other experts or sizes, another folder: a run never reuses experts or sets made for other settings
+    out = Path(args.out) / (args.scale + (f"_experts{args.expert_epochs}ep" if args.expert_epochs else "")
+                            + ("_smoke" if args.smoke else ""))
     t_start = time.time()
     stage(f"experts: {plan['experts']} model {plan['model']}")
     t0 = time.time()
@@ -151,15 +201,17 @@ def main() -> int:
         sets: dict[str, tuple[Path, float]] = {}
         sets["random real"] = (random_real_artifact(dataset=data.name, ipc=ipc, experts=experts.folder, data=data,
                                                     out=out / f"ipc{ipc}" / "random" / "synthetic.safetensors"), 0.0)
-        stage(f"IPC {ipc}: lowrank init (hard and soft labels)")
-        sets["lowrank init, hard labels"] = run_distill(distill_config(plan, ipc, "lowrank", iterations=0, soft_labels=False),
-                                                        experts, out / f"ipc{ipc}" / "lowrank_init_hard", data)
-        sets["lowrank init, soft labels"] = run_distill(distill_config(plan, ipc, "lowrank", iterations=0),
-                                                        experts, out / f"ipc{ipc}" / "lowrank_init_soft", data)
-        stage(f"IPC {ipc}: pixel MTT")
-        sets["pixel MTT"] = run_distill(distill_config(plan, ipc, "pixel"), experts, out / f"ipc{ipc}" / "pixel", data)
-        stage(f"IPC {ipc}: MTT-LSS")
-        sets["MTT-LSS"] = run_distill(distill_config(plan, ipc, "lowrank"), experts, out / f"ipc{ipc}" / "lowrank", data)
+        # (method, folder, config overrides): the init rows fix their labels, the rest choose (labels=auto)
+        runs = [("lowrank init, hard labels", "lowrank_init_hard", "lowrank", {"iterations": 0, "labels": "hard"}),
+                ("lowrank init, soft labels", "lowrank_init_soft", "lowrank", {"iterations": 0, "labels": "soft"}),
+                ("pixel MTT", "pixel", "pixel", {}),
+                ("MTT-LSS", "lowrank", "lowrank", {}),
+                ("MTT-LSS, soft labels counted in the budget", "lowrank_counted", "lowrank",
+                 {"labels": "soft", "count_labels": True}),
+                ("MTT-LSS, hard labels", "lowrank_hard", "lowrank", {"labels": "hard"})]
+        for method, folder, param, extra in runs:
+            stage(f"IPC {ipc}: {method}")
+            sets[method] = run_distill(distill_config(plan, ipc, param, **extra), experts, out / f"ipc{ipc}" / folder, data)
         for method, (path, seconds) in sets.items():
             stage(f"IPC {ipc}: evaluating {method}")
             res = evaluate(path, plan, data, args.device)
@@ -167,6 +219,8 @@ def main() -> int:
             rows.append({"ipc": ipc, "method": method, "images_per_class": m["storage"]["images_per_class"],
                          "stored_floats_images": m["storage"]["stored_floats_images"],
                          "label_floats": m["storage"]["label_floats"], "budget_floats": m["storage"]["budget_floats"],
+                         "labels": label_summary(m), "label_stats": {k: m["labels"].get(k) for k in LABEL_STATS},
+                         "label_choice": (m.get("init") or {}).get("labels"),
                          "accs": res["accs"], "mean": res["mean"], "std": res["std"],
                          "median": statistics.median(res["accs"]), "selection": m.get("selection"),
                          "lr": m.get("lr"), "distill_seconds": round(seconds, 1), "eval_seconds": res["seconds"],
@@ -195,10 +249,14 @@ def markdown(report: dict) -> str:
     lines = [f"CIFAR-10, {report['scale']} scale, {report['date']}, {report['machine']['cuda'] or str(report['machine']['cpu_count']) + ' CPU cores'}; "
              f"expert training in this run {report['expert_seconds']:.0f}s (about 0 when an earlier run's experts were reused), "
              f"total {report['total_seconds'] / 60:.1f} min",
-             "", "| IPC | method | images/class | stored floats (images) | label floats | test acc % (mean ± std) | runs |",
-             "|---|---|---|---|---|---|---|"]
+             f"experts: {report['plan']['experts']}, validation accuracy "
+             f"{[round(e['final_val_acc'], 3) for e in report['experts']]}",
+             "", "| IPC | method | images/class | stored floats (images) | label floats | images + labels (% of budget) "
+             "| labels | test acc % (mean ± std) | runs |", "|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
-        lines.append(f"| {r['ipc']} | {r['method']} | {r['images_per_class']} | {r['stored_floats_images']} | {r['label_floats']} | "
+        total = r["stored_floats_images"] + r["label_floats"]
+        lines.append(f"| {r['ipc']} | {r['method']} | {r['images_per_class']} | {r['stored_floats_images']:,} | "
+                     f"{r['label_floats']:,} | {total:,} ({100 * total / r['budget_floats']:.0f} %) | {r['labels']} | "
                      f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} | {len(r['accs'])} |")
     return "\n".join(lines) + "\n"
 

@@ -136,7 +136,8 @@ def test_artifact_loads_and_is_selected_on_val(experts, tmp_path):
     assert sel["select_on"] == "val" and sel["iteration"] in (0, 3, 6) and 0.0 <= sel["score"] <= 1.0
     assert art.images().shape[1:] == (1, 8, 8)
     assert art.manifest["storage"]["stored_floats_images"] <= art.manifest["storage"]["budget_floats"] == 640
-    assert art.label_kind == "logits"
+    # labels=auto (the default) started from whichever scored better on validation; the artifact says which
+    assert art.label_kind == {"soft": "logits", "hard": "hard"}[art.manifest["init"]["labels"]["mode"]]
     assert (tmp_path / "run" / "checkpoint.pt").exists()
     vals = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [("val_acc" in v) for v in vals] == [False, False, True, False, False, True]
@@ -158,3 +159,75 @@ def test_random_pairing_runs(experts):
 def test_expert_cycle_visits_every_expert():
     order = [expert_for_iteration([0, 1, 2], 0, i) for i in range(6)]
     assert sorted(order[:3]) == [0, 1, 2] and sorted(order[3:]) == [0, 1, 2]
+
+
+def test_checkpoint_memory_mode_distills_the_same_set_as_full_mode(experts, tmp_path):
+    runs = {}
+    for memory in ("full", "checkpoint"):
+        runs[memory] = distill(tiny(iterations=6, select_on="none", memory=memory, pairing="random", num_subspaces=2),
+                               experts=experts, out=tmp_path / memory, progress=False)
+    full, ckpt = runs["full"], runs["checkpoint"]
+    assert [r["loss"] for r in full.history] == pytest.approx([r["loss"] for r in ckpt.history], rel=1e-4)
+    for key, value in full.synthetic.state_dict().items():
+        assert torch.allclose(value, ckpt.synthetic.state_dict()[key], rtol=1e-3, atol=1e-5), key
+    assert torch.allclose(full.labels, ckpt.labels, rtol=1e-3, atol=1e-5)
+    assert full.syn_lr == pytest.approx(ckpt.syn_lr, rel=1e-4)
+    assert full.init_info["memory"] == {"mode": "full", "why": "memory=full was set"}
+    assert ckpt.init_info["memory"]["mode"] == "checkpoint"
+    # the artifact says how it was made
+    assert mttlss.load(ckpt.artifact).manifest["init"]["memory"]["mode"] == "checkpoint"
+
+
+def test_auto_memory_mode_measures_the_graph_and_says_what_it_chose(experts, monkeypatch):
+    import mttlss.distillation as distillation
+
+    r = distill(tiny(iterations=1, select_on="none"), experts=experts, out=None, progress=False)
+    assert r.init_info["memory"]["mode"] == "full"  # a tiny graph fits
+    assert "memory=auto chose full" in r.init_info["memory"]["why"]
+    monkeypatch.setattr(distillation, "available_memory_bytes", lambda device: 1000)  # 1 kB free
+    r = distill(tiny(iterations=1, select_on="none"), experts=experts, out=None, progress=False)
+    assert r.init_info["memory"]["mode"] == "checkpoint"
+    assert "GiB of graph" in r.init_info["memory"]["why"]
+
+
+def test_memory_mode_can_change_on_resume_but_precision_cannot(experts, tmp_path):
+    out = tmp_path / "run"
+    distill(tiny(iterations=8, stop_after=4, memory="full"), experts=experts, out=out, progress=False)
+    r = distill(tiny(iterations=8, memory="checkpoint"), experts=experts, out=out, progress=False)
+    assert r.artifact is not None and len(r.history) == 8
+    with pytest.raises(DistillError, match="precision"):
+        distill(tiny(iterations=10, precision="bf16"), experts=experts, out=out, progress=False)
+
+
+def _distill_rank(rank: int, world_size: int, port: int, experts_dir: str, out: str, result: str) -> None:
+    import os
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    r = distill(tiny(iterations=4, select_on="none", memory="checkpoint", batch_syn=6), experts=experts_dir, out=out,
+                progress=False)
+    torch.save({"losses": [h["loss"] for h in r.history], "state": r.synthetic.state_dict(), "labels": r.labels,
+                "lr": r.syn_lr, "artifact": str(r.artifact)}, f"{result}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_torchrun_ranks_distill_the_single_process_set_and_rank_0_alone_writes(experts_dir, tmp_path):
+    import socket
+
+    one = distill(tiny(iterations=4, select_on="none", memory="checkpoint", batch_syn=6), experts=experts_dir,
+                  out=tmp_path / "one", progress=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = str(tmp_path / "rank")
+    torch.multiprocessing.spawn(_distill_rank, args=(2, port, str(experts_dir), str(tmp_path / "two"), result), nprocs=2)
+    ranks = [torch.load(f"{result}.{r}", weights_only=True) for r in range(2)]
+    for got in ranks:
+        assert got["losses"] == pytest.approx([h["loss"] for h in one.history], rel=1e-4)
+        for key, value in one.synthetic.state_dict().items():
+            assert torch.allclose(got["state"][key], value, rtol=1e-3, atol=1e-5), key
+        assert torch.allclose(got["labels"], one.labels, rtol=1e-3, atol=1e-5)
+    assert ranks[0]["artifact"].endswith("synthetic.safetensors") and ranks[1]["artifact"] == "None"
+    lines = (tmp_path / "two" / "log.jsonl").read_text().splitlines()
+    assert len(lines) == 4  # one writer: no record twice

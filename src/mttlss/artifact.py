@@ -5,7 +5,9 @@ Layout of ``<name>.safetensors`` (e.g. ``cifar10_ipc1.safetensors``):
 - ``synthetic.<name>``: the synthetic set's ``state_dict`` as stored (pixels, or mappers + codes for a
   low-rank set). The storage is what the IPC budget counts, so decoded images are *not* stored; ``load``
   rebuilds the set and decodes on demand.
-- ``labels``: [n, classes] float32 logits (soft labels; temperature in the manifest) or [n] int64 (hard).
+- ``labels``: [n, classes] float32 logits (soft labels; temperature in the manifest) or [n] int64 (hard). The
+  manifest's ``labels`` also says how well they carry the class (agreement = argmax is the image's class, mean
+  largest and own-class probability); ``storage.label_floats`` counts them beside the images' floats.
 - ``lr``: 0-dim float32, the learned step size alpha = the evaluation learning rate.
 - the preprocessing state under its own names (``preprocess.mean``/``preprocess.std`` or ``zca.*``), so
   the ZCA never has to be rediscovered.
@@ -32,6 +34,7 @@ import torch.utils.data
 
 from mttlss import __version__
 from mttlss.io_utils import atomic_save_safetensors
+from mttlss.labels import label_stats
 from mttlss.parameterization import build_synthetic_set
 from mttlss.preprocessing import Preprocessor
 
@@ -134,7 +137,8 @@ def build_manifest(*, synthetic, labels: torch.Tensor, lr: float, preprocessor, 
             "num_images": int(synthetic.num_images),
         },
         "preprocessing": preprocessor.meta(),
-        "labels": {"kind": kind, "temperature": 1.0, "shape": list(labels.shape)},
+        "labels": {"kind": kind, "temperature": 1.0, "shape": list(labels.shape),
+                   **label_stats(labels, synthetic.labels_hard())},  # class-major: row i's class is labels_hard()[i]
         "lr": float(lr),
         "model": model,
         "experts": experts,
@@ -381,6 +385,49 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _label_quality(lab: dict) -> str:
+    if "agreement" not in lab:  # artifacts written before labels were scored
+        return ""
+    return (f" agreement={100 * lab['agreement']:.1f}% mean max prob={lab['mean_max_prob']:.3f} "
+            f"own-class prob={lab['mean_own_prob']:.3f}")
+
+
+def _label_choice(choice: dict | None) -> list[str]:
+    """How a distilled run chose its starting labels (``manifest["init"]["labels"]``), as lines."""
+    if not choice:
+        return []
+    lines = [f"  label start   {choice.get('mode')}: {choice.get('why')}"]
+    soft = choice.get("soft") or {}
+    if soft:
+        lines.append(f"                soft labels from {choice.get('init')}: {soft.get('why')}")
+    start = choice.get("start") or {}
+    if start and choice.get("mode") == "soft":  # hard labels are one-hot: nothing to say
+        lines.append(f"                at the start: {_label_quality(start).strip()}")
+    return lines
+
+
+def label_summary(manifest: dict) -> str:
+    """One results-table cell: the label kind, how a distilled run chose its start, and for soft labels the
+    agreement (argmax = class) and own-class probability at the start -> in the artifact."""
+    lab = manifest.get("labels") or {}
+    choice = (manifest.get("init") or {}).get("labels") or {}
+    soft = lab.get("kind") == "logits"
+    parts = ["soft" if soft else "hard"]
+    accs = choice.get("val_acc") or {}
+    if "hard" in accs:  # labels=auto measured both
+        parts.append(f"auto: val soft {100 * accs['soft']:.1f} / hard {100 * accs['hard']:.1f} %")
+    elif choice.get("requested"):
+        parts.append(f"labels={choice['requested']}")
+    picked = choice.get("soft") or {}
+    if soft and picked:
+        parts.append(f"{picked['knob'].removeprefix('label_')} {picked['chosen']:g}")
+    start = choice.get("start") or {}
+    if soft and start and "agreement" in lab:
+        parts.append(f"agreement {100 * start['agreement']:.0f} -> {100 * lab['agreement']:.0f} %, own prob "
+                     f"{start['mean_own_prob']:.2f} -> {lab['mean_own_prob']:.2f}")
+    return "; ".join(parts)
+
+
 def format_manifest(manifest: dict) -> str:
     """Readable multi-line summary of a manifest."""
     ds = manifest.get("dataset") or {}
@@ -406,7 +453,9 @@ def format_manifest(manifest: dict) -> str:
         f"{st.get('stored_floats_with_labels')} total; budget {budget}",
         f"  synthetic     {_fmt(syn)}",
         f"  space         {pre.get('space')} ({_fmt({k: v for k, v in pre.items() if k != 'space'})})",
-        f"  labels        {lab.get('kind')} shape={lab.get('shape')} temperature={lab.get('temperature')}",
+        f"  labels        {lab.get('kind')} shape={lab.get('shape')} temperature={lab.get('temperature')}"
+        + _label_quality(lab),
+        *_label_choice((manifest.get("init") or {}).get("labels")),
         f"  lr            {_fmt(manifest.get('lr'))}",
         f"  model         {_fmt(manifest.get('model'))}",
         f"  experts       {_fmt(manifest.get('experts'))}",

@@ -28,6 +28,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "select_on": ("val", "none"),
     "eval_epoch_mode": ("decoded", "budget"),
     "lr_schedule": ("constant", "cosine"),
+    "memory": ("auto", "full", "checkpoint"),
+    "precision": ("fp32", "bf16"),
+    "labels": ("auto", "soft", "hard"),
+    "label_init": ("experts", "onehot"),
 }
 
 
@@ -43,11 +47,18 @@ class DistillConfig:
     share_channels: bool = False      # one mapper pair for all channels (codes stay per channel)
     pairing: str = "fixed"            # "fixed" | "random": a code may meet any mapper its class may use ("sampling")
     max_images_per_class: int | None = None  # cap on decoded images per class (evaluation and label cost grow with it)
-    count_labels: bool = False        # charge soft labels against the budget (DATM/TESLA do not)
+    count_labels: bool = False        # charge soft labels against the budget (DATM/TESLA do not); with labels=auto
+                                      # too, so a hard-label start then has fewer images than the budget allows
     init: str = "correct"             # "correct": real images an expert classifies correctly (DATM) | "real" | "noise"
 
     # --- labels (method.md section 6) ---------------------------------------------------------------------
-    soft_labels: bool = True          # learnable logits initialised from the experts (DATM); False: hard labels
+    labels: str = "auto"              # "auto": before the first iteration soft and hard labels compete on validation
+                                      # (select_on=val), the better one is the start | "soft" (DATM) | "hard"
+    soft_labels: bool = True          # the older switch, kept for old configs and presets: False means labels=hard
+    label_init: str = "experts"       # soft labels' start, always with the own class on top (labels.py): "experts"
+                                      # (DATM's mean logits, the own class raised where no expert is right) | "onehot"
+    label_temperature: float | None = None  # experts: logits / T; None: chosen on validation among labels.TEMPERATURES
+    label_confidence: float | None = None   # onehot: own-class probability; None: chosen among labels.CONFIDENCES
     lr_y: float = 2.0                 # eta_y: SGD lr of the label logits (DATM: 2 to 10)
     label_momentum: float = 0.9
 
@@ -72,6 +83,11 @@ class DistillConfig:
     max_consecutive_skips: int = 200  # then stop with a message naming the knobs
     dsa: bool = True                  # DSA inside every inner step (and in evaluation)
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+    # how the unroll is differentiated (method.md section 3); both modes give the same gradients
+    memory: str = "auto"              # "full": keep every inner step's graph (memory ~ syn_steps x batch_syn, as in MTT)
+                                      # "checkpoint": replay one step at a time in the backward (memory flat in syn_steps)
+                                      # "auto": full when its measured graph size fits half the free memory, else checkpoint
+    precision: str = "fp32"           # "bf16": autocast the student network (only where bf16 is native: 22x slower on AMD EPYC)
 
     # --- the loop -------------------------------------------------------------------------------------------------
     iterations: int = 5000            # outer iterations (MTT 5,000; DATM 10,000); 0: the initialisation itself
@@ -104,6 +120,7 @@ class DistillConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr_mapper is not None and self.lr_mapper < 0:
             raise ValueError(f"lr_mapper must be >= 0, got {self.lr_mapper}")
+        self._validate_labels()
         if self.max_start_epoch <= self.min_start_epoch:
             raise ValueError("max_start_epoch (T+) must exceed min_start_epoch (T-)")
         if self.progressive and not (self.min_start_epoch < self.current_max_start_epoch <= self.max_start_epoch):
@@ -111,6 +128,20 @@ class DistillConfig:
                 "with progressive=true, current_max_start_epoch (T_cur) must lie in (min_start_epoch, max_start_epoch]"
             )
         return self
+
+    def _validate_labels(self) -> None:
+        if not self.soft_labels and self.labels == "soft":
+            raise ValueError("soft_labels=false asks for hard labels but labels=soft; drop soft_labels (labels=auto|soft|hard "
+                             "replaces it)")
+        if self.label_temperature is not None and not self.label_temperature > 0:
+            raise ValueError(f"label_temperature must be positive, got {self.label_temperature} (null: chosen on validation)")
+        if self.label_confidence is not None and not 0 < self.label_confidence < 1:
+            raise ValueError(f"label_confidence must lie in (0, 1), got {self.label_confidence} (null: chosen on validation)")
+
+    @property
+    def label_mode(self) -> str:
+        """"auto", "soft" or "hard": ``labels``, where the older ``soft_labels=false`` means "hard"."""
+        return "hard" if not self.soft_labels else self.labels
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -16,7 +16,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,23 +27,36 @@ from mttlss.artifact import save_artifact
 from mttlss.augment import DSAConfig
 from mttlss.config import DistillConfig
 from mttlss.data import RealData, dataset_record, load_recorded
-from mttlss.distributed import default_device
+from mttlss.distributed import init_distributed, reduce_partial_grads
 from mttlss.experts import ExpertSet
 from mttlss.initialization import init_synthetic
 from mttlss.io_utils import atomic_torch_save, atomic_write_text
-from mttlss.labels import init_soft_labels
-from mttlss.matching import batch_schedule, sample_start_epoch, start_epoch_upper, trajectory_loss, unroll_student
+from mttlss.labels import experts_mean_logits, label_candidates, label_stats, raise_own_class
+from mttlss.matching import (
+    InnerSteps,
+    batch_schedule,
+    graph_bytes_per_step,
+    sample_start_epoch,
+    start_epoch_upper,
+    trajectory_loss,
+    unroll_student,
+)
 from mttlss.models import ParamLayout, build_model, has_buffers
 from mttlss.parameterization import SyntheticSet, build_synthetic_set
 from mttlss.preprocessing import Preprocessor
 from mttlss.records import open_sinks
+from mttlss.runtime import available_memory_bytes
 from mttlss.training import EvalRecipe, evaluate_synthetic, label_loss, soft_targets
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 ARTIFACT = "synthetic.safetensors"
 # knobs to settle before resuming a run: everything that changes what an iteration computes
-_RESUMABLE_CHANGES = {"iterations", "stop_after", "device", "tensorboard", "checkpoint_every", "grid_every"}
+# (memory is not among them: both modes compute the same gradients)
+_RESUMABLE_CHANGES = {"iterations", "stop_after", "device", "tensorboard", "checkpoint_every", "grid_every", "memory"}
+# knobs that only shape iteration 0 (the labels' start): a checkpoint written before they existed is past its start,
+# so their values are not compared with it; any other knob it lacks compares as its default (the older behaviour)
+_START_ONLY = {"labels", "label_init", "label_temperature", "label_confidence"}
 
 
 class DistillError(RuntimeError):
@@ -73,7 +86,7 @@ class DistillResult:
     syn_lr: float
     selection: dict
     history: list[dict]
-    init_info: dict = field(default_factory=dict)   # budget, reconstruction error, initial validation accuracy
+    init_info: dict = field(default_factory=dict)   # budget, reconstruction error, labels' start, initial val accuracy
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,6 +103,8 @@ class _Run:
     x_val: torch.Tensor                 # [N_val, C, H, W] training space
     dsa_config: DSAConfig | None
     out: Path | None
+    is_main: bool = True                # under torchrun only rank 0 writes (log, checkpoints, artifact)
+    memory: str = "full"                # the resolved memory mode: "full" | "checkpoint"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -110,7 +125,11 @@ def _setup(config: DistillConfig, *, experts: str | Path | ExpertSet, out: str |
     cfg = config.validate()
     experts = experts if isinstance(experts, ExpertSet) else ExpertSet(experts)
     _check_segments(cfg, experts)
-    device = default_device(cfg.device)
+    dist = init_distributed(cfg.device)  # one process, or this torchrun rank (and its GPU)
+    device = dist.device
+    if cfg.batch_syn is not None and cfg.batch_syn < dist.world_size:
+        raise DistillError(f"batch_syn={cfg.batch_syn} is smaller than the {dist.world_size} ranks that share each batch; "
+                           f"raise batch_syn or launch fewer ranks")
     data = data if data is not None else load_recorded(experts.dataset)
     pre = experts.preprocessor().to(device)
     model = build_model(experts.model, channels=data.channels, num_classes=data.num_classes, image_size=data.image_size).to(device)
@@ -120,7 +139,7 @@ def _setup(config: DistillConfig, *, experts: str | Path | ExpertSet, out: str |
                            "network such as convnet with instancenorm")
     return _Run(cfg=cfg, experts=experts, data=data, pre=pre, model=model, layout=layout, device=device,
                 x_val=pre(data.x_val.to(device)), dsa_config=DSAConfig(strategy=cfg.dsa_strategy) if cfg.dsa else None,
-                out=Path(out) if out is not None else None)
+                out=Path(out) if out is not None else None, is_main=dist.is_main)
 
 
 def _optimizers(cfg: DistillConfig, *, syn: SyntheticSet, label_logits: torch.Tensor | None,
@@ -163,23 +182,94 @@ def _schedule_lrs(cfg: DistillConfig, state: DistillState) -> float:
 
 
 def _fresh_state(run: _Run, *, x_train: torch.Tensor) -> tuple[DistillState, dict]:
-    """Iteration 0: the synthetic set initialised from ``x_train`` [N, C, H, W] (training space), its soft
-    labels from the experts' final checkpoints, alpha at lr_teacher."""
+    """Iteration 0 before its labels: the synthetic set initialised from ``x_train`` [N, C, H, W] (training space),
+    alpha at lr_teacher, no label logits and no optimisers yet (``_start`` chooses the labels, then builds them)."""
     cfg, experts, device = run.cfg, run.experts, run.device
     syn, info = init_synthetic(cfg, data=run.data, x_train=x_train, model=run.model, layout=run.layout,
                                experts=experts, device=device)
-    label_logits = None
-    if cfg.soft_labels:
-        with torch.no_grad():
-            decoded = syn.decode()
-        finals = [experts.checkpoints(k, [experts.epochs])[0] for k in experts.indices]
-        label_logits = init_soft_labels(run.model, run.layout, final_params=finals, x=decoded,
-                                        y=syn.labels_hard().to(device))
-        label_logits = label_logits.detach().clone().requires_grad_(True)
-        info["label_init_agreement"] = float((label_logits.argmax(1).cpu() == syn.labels_hard()).float().mean())
     syn_lr = torch.tensor(cfg.lr_teacher, device=device, requires_grad=True)
-    optimizers = _optimizers(cfg, syn=syn, label_logits=label_logits, syn_lr=syn_lr)
-    return DistillState(iteration=0, synthetic=syn, label_logits=label_logits, syn_lr=syn_lr, optimizers=optimizers), info
+    return DistillState(iteration=0, synthetic=syn, label_logits=None, syn_lr=syn_lr, optimizers={}), info
+
+
+def _soft_candidates(run: _Run, syn: SyntheticSet) -> tuple[list[tuple[float, torch.Tensor]], dict]:
+    """The class-faithful starting logits to choose among (one per temperature or confidence, ``labels.py``) and
+    what the experts said about the decoded images."""
+    cfg, experts, device = run.cfg, run.experts, run.device
+    y = syn.labels_hard().to(device)
+    record: dict[str, Any] = {"init": cfg.label_init}
+    base = None
+    if cfg.label_init == "experts":
+        with torch.no_grad():
+            decoded = syn.decode()  # [n, C, H, W] training space: the labels belong to the decoded images
+        finals = [experts.checkpoints(k, [experts.epochs])[0] for k in experts.indices]
+        mean, hits = experts_mean_logits(run.model, run.layout, final_params=finals, x=decoded, y=y)
+        base = raise_own_class(mean, y)
+        # what DATM's formula alone would have started from: its agreement is what the raise repaired
+        record.update(experts_correct=float((hits > 0).float().mean()),
+                      experts_agreement=float((mean.argmax(1) == y).float().mean()))
+    value = cfg.label_temperature if cfg.label_init == "experts" else cfg.label_confidence
+    candidates = label_candidates(label_init=cfg.label_init, base=base, y=y, num_classes=run.data.num_classes, value=value)
+    return candidates, record
+
+
+def _label_knob(cfg: DistillConfig) -> str:
+    return "label_temperature" if cfg.label_init == "experts" else "label_confidence"
+
+
+def _pick_soft(run: _Run, state: DistillState, candidates: list[tuple[float, torch.Tensor]], *, score: bool) -> dict:
+    """Set ``state.label_logits`` to the candidate scoring best on validation (the first on ties, or when
+    ``score`` is false) and return the record: each candidate's score and label statistics, the choice, why."""
+    knob, y = _label_knob(run.cfg), state.synthetic.labels_hard()
+    rows = []
+    for value, logits in candidates:
+        state.label_logits = logits
+        rows.append({knob: value, "val_acc": _validate(run, state) if score else None, **label_stats(logits, y)})
+    best = max(range(len(rows)), key=lambda i: rows[i]["val_acc"]) if score else 0  # max keeps the first of ties
+    state.label_logits = candidates[best][1]
+    value = candidates[best][0]
+    if len(candidates) == 1:
+        why = f"{knob}={value:g} was set"
+    elif score:
+        why = (f"{knob}={value:g} scored best on validation among "
+               + ", ".join(f"{r[knob]:g}: {100 * r['val_acc']:.2f} %" for r in rows))
+    else:
+        why = f"{knob}={value:g}, the first candidate: no validation split to choose on"
+    return {"knob": knob, "chosen": value, "candidates": rows, "val_acc": rows[best]["val_acc"], "why": why}
+
+
+def _choose_labels(run: _Run, state: DistillState) -> dict:
+    """The labels the run starts from, set on ``state``, and the record of why: soft labels at the best candidate
+    temperature (or confidence), then, for labels=auto, soft or hard, whichever scores better on validation
+    (soft on a tie). Validation uses ``validate``'s recipe, so the scores compare with the later ones."""
+    cfg = run.cfg
+    mode = cfg.label_mode
+    y = state.synthetic.labels_hard()
+    if mode == "hard":
+        why = "soft_labels=false was set" if not cfg.soft_labels else "labels=hard was set"
+        return {"requested": "hard", "mode": "hard", "why": why, "start": label_stats(y, y)}
+    can_score = cfg.select_on == "val" and len(run.x_val) > 0
+    candidates, record = _soft_candidates(run, state.synthetic)
+    soft = _pick_soft(run, state, candidates, score=can_score and (len(candidates) > 1 or mode == "auto"))
+    record.update(requested=mode, soft=soft)
+    accs = {"soft": soft["val_acc"]}
+    if mode == "auto" and can_score:
+        logits, state.label_logits = state.label_logits, None
+        accs["hard"] = _validate(run, state)
+        state.label_logits = logits if accs["soft"] >= accs["hard"] else None
+    chosen = "soft" if state.label_logits is not None else "hard"
+    if mode == "auto" and can_score:
+        why = (f"labels=auto: soft labels scored {100 * accs['soft']:.2f} % on validation, hard labels "
+               f"{100 * accs['hard']:.2f} %: starting from {chosen} labels")
+    elif mode == "auto":
+        why = "labels=auto without a validation split to choose on (select_on=none or no validation images): soft labels"
+    else:
+        why = "labels=soft was set"
+    if state.label_logits is not None:
+        state.label_logits = state.label_logits.detach().clone().requires_grad_(True)
+    record.update(mode=chosen, why=why, start=label_stats(state.label_logits if chosen == "soft" else y, y))
+    if all(v is not None for v in accs.values()):
+        record["val_acc"] = accs
+    return record
 
 
 def _start(run: _Run) -> tuple[DistillState, dict, bool]:
@@ -191,11 +281,41 @@ def _start(run: _Run) -> tuple[DistillState, dict, bool]:
     x_train = run.pre(run.data.x_train.to(run.device))  # [N, C, H, W] training space
     state, info = _fresh_state(run, x_train=x_train)
     del x_train
-    if run.cfg.select_on == "val" and len(run.x_val) and run.cfg.iterations > 0:
+    info["labels"] = _choose_labels(run, state)  # soft or hard, temperature: on validation where asked
+    state.optimizers = _optimizers(run.cfg, syn=state.synthetic, label_logits=state.label_logits, syn_lr=state.syn_lr)
+    scored = info["labels"].get("val_acc", {}).get(info["labels"]["mode"])  # the chosen start's score, when measured
+    if run.cfg.select_on == "val" and len(run.x_val) and (run.cfg.iterations > 0 or scored is not None):
         # the initialisation competes too: the selected set is never worse on validation than where it started
-        info["init_val_acc"] = _validate(run, state)
+        info["init_val_acc"] = scored if scored is not None else _validate(run, state)
         state.best = {"iteration": 0, "val_acc": info["init_val_acc"], **_snapshot(state)}
     return state, info, False
+
+
+# full mode's graph per inner step, times this, is what its peak measured (0.32 GiB measured against 0.28 GiB
+# of saved tensors per step of 100 CIFAR images, width 128: benchmarks/results/speed_cpu_*.json)
+_ALLOCATOR_OVERHEAD = 1.2
+
+
+def choose_memory(run: _Run, state: DistillState) -> tuple[str, str]:
+    """The memory mode for this run and why: the configured one, or for "auto" full mode when its graph (measured
+    on one inner step, times syn_steps) fits half of the memory still available, else checkpoint."""
+    cfg = run.cfg
+    if cfg.memory != "auto":
+        return cfg.memory, f"memory={cfg.memory} was set"
+    n = state.synthetic.num_images
+    batches = batch_schedule(n, min(cfg.batch_syn or n, n), 1, iteration_generator(cfg.seed, -1))
+    steps = InnerSteps(model=run.model, layout=run.layout, decode=lambda idx: state.synthetic.decode(idx.to(run.device)),
+                       label_loss=lambda logits, idx: logits.logsumexp(1).mean(), batches=batches,
+                       dsa_config=run.dsa_config, generator=iteration_generator(cfg.seed, -1), precision=cfg.precision)
+    start = run.experts.checkpoints(run.experts.indices[0], [0])[0].to(run.device)
+    need = _ALLOCATOR_OVERHEAD * cfg.syn_steps * graph_bytes_per_step(steps, start)
+    free = available_memory_bytes(run.device)
+    gib = 2**30
+    if free is None:
+        return "checkpoint", f"memory=auto: free memory unknown; full mode would keep ~{need / gib:.1f} GiB of graph"
+    mode = "full" if need <= 0.5 * free else "checkpoint"
+    return mode, (f"memory=auto chose {mode}: full mode would keep ~{need / gib:.1f} GiB of graph for {cfg.syn_steps} "
+                  f"inner steps, {free / gib:.1f} GiB available on {run.device}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -213,8 +333,13 @@ def expert_for_iteration(indices: list[int], seed: int, iteration: int) -> int:
     return indices[int(perm[pos])]
 
 
+def learnables_of(state: DistillState) -> list[torch.Tensor]:
+    """The tensors the unroll differentiates into besides alpha: synthetic factors and label logits."""
+    return [*state.synthetic.parameters(), *([state.label_logits] if state.label_logits is not None else [])]
+
+
 def _unroll(cfg: DistillConfig, state: DistillState, *, model: nn.Module, layout: ParamLayout, start: torch.Tensor,
-            device: str, dsa_config: DSAConfig | None, generator: torch.Generator) -> torch.Tensor:
+            device: str, dsa_config: DSAConfig | None, generator: torch.Generator, memory: str) -> torch.Tensor:
     """theta_N [P]: a student trained from ``start`` [P] for syn_steps steps on synthetic batches."""
     syn = state.synthetic
     n = syn.num_images
@@ -231,7 +356,8 @@ def _unroll(cfg: DistillConfig, state: DistillState, *, model: nn.Module, layout
         return label_loss(logits, targets)
 
     return unroll_student(model, layout, start, decode=decode, label_loss=batch_loss, syn_lr=state.syn_lr,
-                          batches=batches, dsa_config=dsa_config, generator=generator)
+                          batches=batches, dsa_config=dsa_config, generator=generator, memory=memory,
+                          learnables=tuple(learnables_of(state)), precision=cfg.precision)
 
 
 def _count_skip(cfg: DistillConfig, state: DistillState, record: dict[str, Any]) -> None:
@@ -252,6 +378,7 @@ def _update(cfg: DistillConfig, state: DistillState, *, loss: torch.Tensor, reco
     for opt in state.optimizers.values():
         opt.zero_grad(set_to_none=True)
     loss.backward()
+    reduce_partial_grads(learnables_of(state))  # under torchrun each rank holds its slice's part
     grads = [p.grad for opt in state.optimizers.values() for g in opt.param_groups for p in g["params"] if p.grad is not None]
     if not all(torch.isfinite(g).all() for g in grads):
         raise DistillError(f"non-finite gradient at iteration {i}; lower lr_img / lr_lr / syn_steps and start again with a new --out")
@@ -265,7 +392,7 @@ def _update(cfg: DistillConfig, state: DistillState, *, loss: torch.Tensor, reco
 
 
 def outer_step(cfg: DistillConfig, state: DistillState, *, model, layout: ParamLayout, experts: ExpertSet,
-               device: str, dsa_config: DSAConfig | None) -> dict[str, Any]:
+               device: str, dsa_config: DSAConfig | None, memory: str = "full") -> dict[str, Any]:
     """Sample an expert segment, unroll the student, and update the synthetic set, alpha and labels."""
     i = state.iteration
     gen = iteration_generator(cfg.seed, i)
@@ -276,7 +403,7 @@ def outer_step(cfg: DistillConfig, state: DistillState, *, model, layout: ParamL
     t = sample_start_epoch(upper, min_start_epoch=cfg.min_start_epoch, generator=gen)
     start, target = experts.checkpoints(k, [t, t + cfg.expert_epochs]).to(device)
     student = _unroll(cfg, state, model=model, layout=layout, start=start, device=device, dsa_config=dsa_config,
-                      generator=gen)
+                      generator=gen, memory=memory)
     loss = trajectory_loss(student, start, target)
     record = {"iteration": i, "expert": k, "start_epoch": t, "max_start_epoch": upper, "loss": float(loss.detach()),
               "syn_lr": state.syn_lr.item(), "skipped": False}
@@ -297,7 +424,7 @@ def _timed_step(run: _Run, state: DistillState) -> dict[str, Any]:
     """One outer iteration; advances ``state.iteration`` and returns the iteration's record."""
     t0 = time.time()
     record = outer_step(run.cfg, state, model=run.model, layout=run.layout, experts=run.experts, device=run.device,
-                        dsa_config=run.dsa_config)
+                        dsa_config=run.dsa_config, memory=run.memory)
     state.iteration += 1
     record["seconds"] = round(time.time() - t0, 4)
     return record
@@ -336,9 +463,14 @@ def _validate(run: _Run, state: DistillState) -> float:
 
 
 def _validate_if_due(run: _Run, state: DistillState, record: dict[str, Any]) -> None:
-    """At every eval_every-th and at the last iteration: record val_acc and keep the best set so far."""
+    """At every eval_every-th and at the last iteration: record val_acc and keep the best set so far, and how
+    well the labels carry the class (label_agreement, label_max_prob, label_own_prob: ``labels.label_stats``)."""
     cfg = run.cfg
     due = state.iteration == cfg.iterations or (cfg.eval_every and state.iteration % cfg.eval_every == 0)
+    if due and state.label_logits is not None:  # hard labels carry the class by construction
+        stats = label_stats(state.label_logits, state.synthetic.labels_hard())
+        record.update(label_agreement=stats["agreement"], label_max_prob=stats["mean_max_prob"],
+                      label_own_prob=stats["mean_own_prob"])
     if cfg.select_on == "val" and len(run.x_val) and due:
         record["val_acc"] = _validate(run, state)
         if record["val_acc"] > state.best.get("val_acc", -1.0):
@@ -374,8 +506,15 @@ def _experts_identity(experts: ExpertSet) -> dict:
     return {"identity": experts.manifest.get("identity"), "indices": experts.indices}
 
 
+def _stored_config(ckpt: dict, cfg: DistillConfig) -> dict[str, Any]:
+    """The checkpoint's config with the knobs added since it was written filled in (see ``_START_ONLY``)."""
+    stored = ckpt["config"]
+    later = {k: v for k, v in cfg.to_dict().items() if k in _START_ONLY and k not in stored}
+    return {**DistillConfig().to_dict(), **later, **stored}
+
+
 def _check_resumable(out: Path, ckpt: dict, *, cfg: DistillConfig, experts: ExpertSet) -> None:
-    old = {k: v for k, v in ckpt["config"].items() if k not in _RESUMABLE_CHANGES}
+    old = {k: v for k, v in _stored_config(ckpt, cfg).items() if k not in _RESUMABLE_CHANGES}
     new = {k: v for k, v in cfg.to_dict().items() if k not in _RESUMABLE_CHANGES}
     if old != new:
         diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
@@ -424,7 +563,7 @@ def _truncate_log(path: Path, iteration: int) -> list[dict]:
 def _save_if_due(run: _Run, state: DistillState, *, stop_at: int, description: dict, info: dict) -> None:
     """Grids every grid_every iterations; the resume checkpoint every checkpoint_every and where this call stops."""
     cfg = run.cfg
-    if run.out is None:
+    if run.out is None or not run.is_main:
         return
     if cfg.grid_every and state.iteration % cfg.grid_every == 0:
         _save_grid(run.out / "grids" / f"iter_{state.iteration:06d}.png", syn=state.synthetic, pre=run.pre, data=run.data)
@@ -441,11 +580,15 @@ def distill(config: DistillConfig, *, experts: str | Path | ExpertSet, out: str 
     """Distill a synthetic set from ``experts``; with ``out``, checkpoint there, resume from it, and write
     ``out/synthetic.safetensors`` (the artifact), ``out/log.jsonl``, grids and curves."""
     run = _setup(config, experts=experts, out=out, data=data)
-    cfg, out = run.cfg, run.out
     state, info, resumed = _start(run)
+    memory, why = choose_memory(run, state)
+    run, info["memory"] = replace(run, memory=memory), {"mode": memory, "why": why}
+    cfg, out = run.cfg, run.out if run.is_main else None  # under torchrun rank 0 alone writes
+    if progress and run.is_main:
+        print(why, file=sys.stderr)
     description = state.synthetic.describe()
     history = _truncate_log(out / LOG, state.iteration) if out is not None else []
-    sinks = open_sinks(cfg, out=out, log=out / LOG if out is not None else None, progress=progress,
+    sinks = open_sinks(cfg, out=out, log=out / LOG if out is not None else None, progress=progress and run.is_main,
                        initial=state.iteration)
     if out is not None and not resumed:
         out.mkdir(parents=True, exist_ok=True)
@@ -482,7 +625,7 @@ def _finish(run: _Run, state: DistillState, *, description: dict, info: dict, hi
     syn.load_state_dict(final["synthetic"])
     labels = final["labels"] if final["labels"] is not None else syn.labels_hard()
     artifact = None
-    finished = out is not None and state.iteration == cfg.iterations
+    finished = out is not None and run.is_main and state.iteration == cfg.iterations
     if finished and not ran and (out / ARTIFACT).exists():
         artifact = out / ARTIFACT  # a finished run rerun: keep its artifact (and the results recorded in it)
     elif finished:

@@ -4,7 +4,8 @@
 builds the pixel set or re-codes them into low-rank subspaces (method.md sections 5 and 6). With
 ``init="correct"`` (DATM) it picks images an expert's final checkpoint classifies correctly
 (``correct_candidates``); ``"real"`` picks any; ``"noise"`` keeps the shapes and redraws every factor.
-The soft labels' starting logits come from the same experts (``labels.init_soft_labels``).
+The soft labels' starting logits come from the same experts (``labels.init_soft_labels``); the budget makes
+room for them when ``count_labels`` is set and the labels may be soft.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def _budget(cfg: DistillConfig, data: RealData) -> Budget:
     return solve_budget(
         num_classes=data.num_classes, image_shape=(data.channels, *data.image_size), ipc=cfg.ipc, param=cfg.param,
         rank=cfg.rank, code=cfg.code, subspaces=cfg.subspaces, num_subspaces=cfg.num_subspaces,
-        share_channels=cfg.share_channels, count_labels=cfg.count_labels and cfg.soft_labels,
+        share_channels=cfg.share_channels, count_labels=cfg.count_labels and cfg.label_mode != "hard",
         max_images_per_class=cfg.max_images_per_class,
     )
 
