@@ -176,6 +176,9 @@ def test_checkpoint_memory_mode_distills_the_same_set_as_full_mode(experts, tmp_
     assert ckpt.init_info["memory"]["mode"] == "checkpoint"
     # the artifact says how it was made
     assert mttlss.load(ckpt.artifact).manifest["init"]["memory"]["mode"] == "checkpoint"
+    from mttlss.artifact import format_manifest, read_manifest
+
+    assert "unroll memory checkpoint: memory=checkpoint was set" in format_manifest(read_manifest(ckpt.artifact))
 
 
 def test_auto_memory_mode_measures_the_graph_and_says_what_it_chose(experts, monkeypatch):

@@ -392,6 +392,11 @@ def _label_quality(lab: dict) -> str:
             f"own-class prob={lab['mean_own_prob']:.3f}")
 
 
+def _memory_choice(choice: dict | None) -> list[str]:
+    """How the run differentiated its unroll (``manifest["init"]["memory"]``): full graph or checkpointed replay."""
+    return [f"  unroll memory {choice.get('mode')}: {choice.get('why')}"] if choice else []
+
+
 def _label_choice(choice: dict | None) -> list[str]:
     """How a distilled run chose its starting labels (``manifest["init"]["labels"]``), as lines."""
     if not choice:
@@ -456,6 +461,7 @@ def format_manifest(manifest: dict) -> str:
         f"  labels        {lab.get('kind')} shape={lab.get('shape')} temperature={lab.get('temperature')}"
         + _label_quality(lab),
         *_label_choice((manifest.get("init") or {}).get("labels")),
+        *_memory_choice((manifest.get("init") or {}).get("memory")),
         f"  lr            {_fmt(manifest.get('lr'))}",
         f"  model         {_fmt(manifest.get('model'))}",
         f"  experts       {_fmt(manifest.get('experts'))}",
