@@ -29,6 +29,16 @@ from datetime import date
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from mttlss.augment import DSAConfig
+from mttlss.distributed import reduce_partial_grads
+from mttlss.matching import batch_schedule, trajectory_loss, unroll_student
+from mttlss.models import ParamLayout, build_model, flatten_params, model_spec
+from mttlss.parameterization import LowRankSet, PixelSet, solve_budget
+from mttlss.runtime import tune_allocator
+from mttlss.training import soft_label_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -42,8 +52,6 @@ BASELINE = dict(memory="full", precision="fp32", allocator="system")
 
 def _problem(*, ipc: int, classes: int, param: str, device: str):
     """ConvNet-3 (width 128), a synthetic set of IPC images per class's storage, its labels and learnables."""
-    from mttlss.models import ParamLayout, build_model, flatten_params, model_spec
-    from mttlss.parameterization import LowRankSet, PixelSet, solve_budget
 
     torch.manual_seed(0)
     model = build_model(model_spec("convnet", width=128, depth=3), channels=3, num_classes=classes,
@@ -69,16 +77,6 @@ def _problem(*, ipc: int, classes: int, param: str, device: str):
 
 
 def run_variant(args) -> dict:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    import torch.nn.functional as F
-
-    from mttlss.augment import DSAConfig
-    from mttlss.distributed import reduce_partial_grads
-    from mttlss.matching import batch_schedule, trajectory_loss, unroll_student
-    from mttlss.training import soft_label_loss
-    from mttlss.runtime import tune_allocator
-
     if args.allocator == "tuned":
         tune_allocator(force=True)
     if "WORLD_SIZE" in os.environ:  # launched by torchrun: one distillation over the ranks, gloo on the CPU
@@ -117,7 +115,7 @@ def run_variant(args) -> dict:
         loss32, g32 = iteration(0, "fp32")
         loss_lp, g_lp = iteration(0, args.precision)
         flat32, flat_lp = torch.cat([g.flatten() for g in g32]), torch.cat([g.flatten() for g in g_lp])
-        out["grad_cosine"] = float(torch.nn.functional.cosine_similarity(flat32, flat_lp, dim=0))
+        out["grad_cosine"] = float(F.cosine_similarity(flat32, flat_lp, dim=0))
         out["loss_rel_diff"] = abs(loss_lp - loss32) / abs(loss32)
         return out
     if args.iters == 0:  # a memory point: one plain iteration (the FLOP counter's own bookkeeping stays out)

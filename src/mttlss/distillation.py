@@ -303,10 +303,11 @@ def choose_memory(run: _Run, state: DistillState) -> tuple[str, str]:
     if cfg.memory != "auto":
         return cfg.memory, f"memory={cfg.memory} was set"
     n = state.synthetic.num_images
-    batches = batch_schedule(n, min(cfg.batch_syn or n, n), 1, iteration_generator(cfg.seed, -1))
+    gen = iteration_generator(cfg.seed, -1)  # a probe of its own: no iteration's draws are used up
     steps = InnerSteps(model=run.model, layout=run.layout, decode=lambda idx: state.synthetic.decode(idx.to(run.device)),
-                       label_loss=lambda logits, idx: logits.logsumexp(1).mean(), batches=batches,
-                       dsa_config=run.dsa_config, generator=iteration_generator(cfg.seed, -1), precision=cfg.precision)
+                       label_loss=lambda logits, idx: logits.logsumexp(1).mean(),
+                       batches=batch_schedule(n, min(cfg.batch_syn or n, n), 1, gen), dsa_config=run.dsa_config,
+                       generator=gen, precision=cfg.precision)
     start = run.experts.checkpoints(run.experts.indices[0], [0])[0].to(run.device)
     need = _ALLOCATOR_OVERHEAD * cfg.syn_steps * graph_bytes_per_step(steps, start)
     free = available_memory_bytes(run.device)

@@ -19,6 +19,8 @@ import ctypes.util
 import os
 import platform
 
+import torch
+
 ENV = "MTTLSS_ALLOCATOR"        # "system": leave malloc as it is (the off switch)
 _M_TRIM_THRESHOLD = -1          # mallopt parameter numbers, from glibc's malloc.h
 _M_MMAP_MAX = -4
@@ -49,8 +51,6 @@ def available_memory_bytes(device: str) -> int | None:
     """Memory a run on ``device`` can still take: free GPU memory, or MemAvailable of /proc/meminfo on the CPU
     (None where neither can be read)."""
     if device.startswith("cuda"):
-        import torch
-
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         return int(free)
     try:
