@@ -3,7 +3,8 @@
     python benchmarks/cifar10.py                      # CPU scale (about 44 min on 2 cores), IPC 1 and 10
     python benchmarks/cifar10.py --ipcs 1             # one budget only
     python benchmarks/cifar10.py --scale paper        # the field's protocol (needs a GPU and hours)
-    python benchmarks/cifar10.py --expert-epochs 1    # weak experts: each trained for one epoch (own folder)
+    python benchmarks/cifar10.py --expert-epochs 1 --ipcs 1 \
+        --methods lowrank_init_hard lowrank_init_soft lowrank lowrank_soft   # weak experts: one epoch each (own folder)
     python benchmarks/cifar10.py --smoke --ipcs 1     # ~14 min on 2 cores: the pipeline runs; the numbers mean nothing
 
 The same experts serve every method. At each IPC storage budget it builds these sets and evaluates each with
@@ -16,11 +17,15 @@ the same recipe on the test split (tested once, after the last epoch, mean +- st
     pixel MTT          pixel-space trajectory matching (same matching settings, labels=auto)
     MTT-LSS            low-rank space sampling + progressive schedule, labels=auto: soft or hard, whichever
                        scores better on validation at the start (the table says which, and both scores)
+    MTT-LSS, soft labels      labels=soft (only with --methods lowrank_soft: the weak-experts check)
     MTT-LSS, labels counted   soft labels charged against the budget (count_labels=true): fewer images
     MTT-LSS, hard labels      no label floats at all
 
 Every soft-label row shows its label floats beside the image floats: soft labels are storage too, which DATM
 and TESLA leave out of the budget (they are not stored compactly here: float32 logits, images x classes).
+
+On a CPU the sets are built and tested in ``--workers`` one-thread processes side by side (default 2; see
+``_worker_init`` for the measurement behind it); the worker count changes the wall-clock time, not the protocol.
 
 Nothing is selected on the test split: distillation keeps the set with the best *validation* accuracy, and
 the CPU settings below were tuned on the validation split with ``benchmarks/cifar10_tune.py``.
@@ -32,10 +37,13 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import multiprocessing
+import os
 import platform
 import statistics
 import sys
 import time
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -67,16 +75,18 @@ SCALES = {
             1: {"window": {"current_max_start_epoch": 2, "max_start_epoch": 4, "expansion_end_epoch": 100},  # E >= 4 - 1 + 2
                 "iterations": 200,
                 "pixel": {"lr_img": 100.0, "batch_syn": 10},
-                # 60 steps of 32 images (three passes over the 620 decoded images per unroll), 150 iterations:
-                # validation at iteration 150 44.5 % vs 43.9 for 40 steps, 42.5 for 20 and 41.8 for 10 of 64 (init
-                # 39.9); a cosine lr decay did not add to 40 steps (43.3). Longer unrolls cost time linearly.
+                # 80 steps of 32 images (four passes over the 620 decoded images per unroll), 150 iterations:
+                # validation 45.3 % at iteration 150 and 45.4 at 200 from a start of 41.0 (class-faithful labels,
+                # 2026-12-01); before them, from 39.9: 44.5 for 60 steps, 43.9 for 40, 42.5 for 20, 41.8 for 10 of
+                # 64; a cosine lr decay did not add to 40 steps (43.3). Longer unrolls cost time linearly.
                 "lowrank": {"rank": 4, "code": "full", "subspaces": "shared", "num_subspaces": 1, "lr_img": 100.0,
-                            "syn_steps": 60, "batch_syn": 32, "iterations": 150}},
+                            "syn_steps": 80, "batch_syn": 32, "iterations": 150}},
             10: {"window": {"current_max_start_epoch": 2, "max_start_epoch": 5, "expansion_end_epoch": 60},
                  "iterations": 80,
                  "pixel": {"lr_img": 100.0, "batch_syn": 100},
                  # 40 steps of 50 images (1.3 passes over the 1,520 decoded images per unroll): validation 50.6 % at
-                 # iteration 80 vs 47.5 for 20 steps of 100 and 46.5 for 10 of 100 (init 47.2), at 1.1x the time of 20x100
+                 # iteration 80 vs 47.5 for 20 steps of 100 and 46.5 for 10 of 100 (init 47.2), at 1.1x the time of 20x100;
+                 # 80 steps of 50 (2026-12-01, from 47.3): 49.8 / 50.9 / 48.9 at iterations 40 / 60 / 80, twice the time
                  "lowrank": {"rank": 8, "code": "full", "subspaces": "per_class", "num_subspaces": 1, "lr_img": 100.0,
                              "syn_steps": 40, "batch_syn": 50}},
         },
@@ -124,11 +134,11 @@ def fit_window(cfg, epochs: int) -> dict:
     return {"expert_epochs": m, "max_start_epoch": top, "current_max_start_epoch": min(cfg.current_max_start_epoch, top)}
 
 
-def build_experts(plan: dict, out: Path, device: str | None):
+def build_experts(plan: dict, out: Path, device: str | None, *, workers: int = 1):
     from mttlss.experts import ExpertConfig, train_experts
 
     cfg = ExpertConfig(dataset=f"npz:{DATA}", model=plan["model"], device=device, **plan["experts"])
-    return train_experts(cfg, out / "experts")
+    return train_experts(cfg, out / "experts", workers=workers)
 
 
 def distill_config(plan: dict, ipc: int, param: str, **extra):
@@ -147,32 +157,98 @@ def distill_config(plan: dict, ipc: int, param: str, **extra):
     return cfg.validate()
 
 
-def run_distill(cfg, experts, out: Path, data) -> tuple[Path, float]:
+# One CPU-scale step (ConvNet-3 width 32, 32-50 images) is too small to keep two threads busy: an IPC 1 MTT-LSS
+# iteration (60 steps of 32) took 6.0 s on one thread and 4.4-4.6 s on two (AMD EPYC, 2026-12-01, medians of 5;
+# benchmarks/cifar10_iteration.py). The sets are independent, so on a CPU the benchmark runs them in
+# ``--workers`` processes of one thread, each pinned to its own core: about 1.5x the work per hour of one
+# two-thread process. The worker count changes the wall-clock time, and the numbers only as far as
+# a thread count changes floating-point summation order.
+def _worker_init(cores) -> None:
+    core = cores.get()
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+
+
+def distill_job(cfg, experts_folder: str, out: str) -> dict:
+    """Distil one set (resuming from ``out`` when it holds a checkpoint); returns its path and seconds."""
+    from mttlss.data import load_recorded
     from mttlss.distillation import distill
+    from mttlss.experts import ExpertSet
 
     t0 = time.time()
-    result = distill(cfg, experts=experts, out=out, data=data)
-    return result.artifact, time.time() - t0
+    experts = ExpertSet(experts_folder)
+    result = distill(cfg, experts=experts, out=out, data=load_recorded(experts.dataset), progress=False)
+    return {"artifact": str(result.artifact), "distill_seconds": round(time.time() - t0, 1)}
 
 
-def evaluate(path: Path, plan: dict, data, device) -> dict:
+def evaluate_job(path: str, plan: dict, experts_folder: str, device) -> dict:
+    """Test one artifact once with the benchmark's recipe (mean +- std over ``plan['eval']['runs']`` networks)."""
+    from mttlss.data import load_recorded
     from mttlss.evaluate import evaluate_artifact
+    from mttlss.experts import ExpertSet
     from mttlss.training import EvalRecipe
 
     e = plan["eval"]
     recipe = EvalRecipe(name=f"bench-{e['epochs']}", epochs=e["epochs"], batch_size=e["batch_size"], epoch_mode=e["epoch_mode"])
+    data = load_recorded(ExpertSet(experts_folder).dataset)
     t0 = time.time()
     res = evaluate_artifact(path, data=data, runs=e["runs"], recipe=recipe, device=device)
     res["seconds"] = round(time.time() - t0, 1)
     return res
 
 
+class Runner:
+    """Runs jobs here (``workers`` 1: this process, its threads) or in a pool of one-thread processes."""
+
+    def __init__(self, workers: int):
+        self.pool = None
+        if workers > 1:
+            ctx = multiprocessing.get_context("spawn")
+            cores = ctx.Queue()
+            for i in range(workers):
+                cores.put(i % (os.cpu_count() or 1))
+            self.pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(cores,))
+
+    def submit(self, fn, *args) -> Future:
+        if self.pool is not None:
+            return self.pool.submit(fn, *args)
+        done = Future()
+        done.set_result(fn(*args))
+        return done
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+# (method, folder, param, config overrides): the init rows fix their labels, the rest choose (labels=auto)
+METHODS = [("lowrank init, hard labels", "lowrank_init_hard", "lowrank", {"iterations": 0, "labels": "hard"}),
+           ("lowrank init, soft labels", "lowrank_init_soft", "lowrank", {"iterations": 0, "labels": "soft"}),
+           ("pixel MTT", "pixel", "pixel", {}),
+           ("MTT-LSS", "lowrank", "lowrank", {}),
+           ("MTT-LSS, soft labels", "lowrank_soft", "lowrank", {"labels": "soft"}),
+           ("MTT-LSS, soft labels counted in the budget", "lowrank_counted", "lowrank",
+            {"labels": "soft", "count_labels": True}),
+           ("MTT-LSS, hard labels", "lowrank_hard", "lowrank", {"labels": "hard"})]
+DEFAULT_METHODS = ["random", "lowrank_init_hard", "lowrank_init_soft", "pixel", "lowrank", "lowrank_counted", "lowrank_hard"]
+
+
+def _cost(cfg) -> float:
+    """Relative cost of a distillation, to start the longest first (the pool's last job ends the run)."""
+    return cfg.iterations * cfg.syn_steps * (cfg.batch_syn or cfg.ipc * 10) + 1
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     ap.add_argument("--ipcs", type=int, nargs="+", default=[1, 10])
+    ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=["random"] + [m[1] for m in METHODS],
+                    help="rows to build, by folder name (default: every row but lowrank_soft)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "cifar10"))
     ap.add_argument("--device", default=None)
+    ap.add_argument("--workers", type=int, default=None,
+                    help="one-thread processes side by side (default: 2 on a CPU of 2+ cores, 1 on a GPU)")
     ap.add_argument("--expert-epochs", type=int, default=None,
                     help="train the experts for this many epochs (1: weak experts); the matching window shrinks to fit")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: check that the pipeline runs (about 14 min on 2 cores)")
@@ -183,51 +259,67 @@ def main() -> int:
     from mttlss.data import load_recorded
     from mttlss.io_utils import atomic_write_json, atomic_write_text
 
+    on_gpu = (args.device or "").startswith("cuda") or (args.device is None and torch.cuda.is_available())
+    workers = args.workers or (1 if on_gpu else min(2, os.cpu_count() or 1))
     plan = plan_for(args.scale, expert_epochs=args.expert_epochs, smoke=args.smoke)
     # other experts or sizes, another folder: a run never reuses experts or sets made for other settings
     out = Path(args.out) / (args.scale + (f"_experts{args.expert_epochs}ep" if args.expert_epochs else "")
                             + ("_smoke" if args.smoke else ""))
     t_start = time.time()
-    stage(f"experts: {plan['experts']} model {plan['model']}")
+    stage(f"experts: {plan['experts']} model {plan['model']}; {workers} worker(s)")
     t0 = time.time()
-    experts = build_experts(plan, out, args.device)
+    experts = build_experts(plan, out, args.device, workers=workers)
     expert_seconds = time.time() - t0
     validity = experts.validity()
     stage(f"experts done in {expert_seconds:.0f}s, val acc {[round(v['final_val_acc'], 3) for v in validity]}")
     data = load_recorded(experts.dataset)  # the experts' own train/validation split: distillation never sees their validation images
+    folder = str(experts.folder)
+
+    # every set is independent: the longest distillations start first, each set is tested as soon as it exists
+    sets: dict[tuple[int, str], str] = {}
+    jobs = []
+    for ipc in args.ipcs:
+        if "random" in args.methods:
+            sets[ipc, "random real"] = str(random_real_artifact(
+                dataset=data.name, ipc=ipc, experts=experts.folder, data=data,
+                out=out / f"ipc{ipc}" / "random" / "synthetic.safetensors"))
+        jobs += [(ipc, method, distill_config(plan, ipc, param, **extra), str(out / f"ipc{ipc}" / name))
+                 for method, name, param, extra in METHODS if name in args.methods]
+    order = [(ipc, m) for ipc in args.ipcs for m in ["random real"] + [m[0] for m in METHODS]]
+    runner = Runner(workers)
+    distilling = {runner.submit(distill_job, cfg, folder, dest): (ipc, method)
+                  for ipc, method, cfg, dest in sorted(jobs, key=lambda j: -_cost(j[2]))}
+    testing = {runner.submit(evaluate_job, path, plan, folder, args.device): (key, {"distill_seconds": 0.0})
+               for key, path in sets.items()}
+    for fut in as_completed(list(distilling)):
+        key, done = distilling[fut], fut.result()
+        stage(f"IPC {key[0]}: {key[1]} distilled in {done['distill_seconds']:.0f}s")
+        sets[key] = done["artifact"]
+        testing[runner.submit(evaluate_job, done["artifact"], plan, folder, args.device)] = (key, done)
+    tested = {}
+    for fut in as_completed(list(testing)):
+        key, done = testing[fut]
+        res = tested[key] = fut.result()
+        res["distill_seconds"] = done["distill_seconds"]
+        stage(f"  IPC {key[0]}: {key[1]}: {100 * res['mean']:.2f} +- {100 * res['std']:.2f}  ({res['accs']})")
+    runner.close()
 
     rows = []
-    for ipc in args.ipcs:
-        sets: dict[str, tuple[Path, float]] = {}
-        sets["random real"] = (random_real_artifact(dataset=data.name, ipc=ipc, experts=experts.folder, data=data,
-                                                    out=out / f"ipc{ipc}" / "random" / "synthetic.safetensors"), 0.0)
-        # (method, folder, config overrides): the init rows fix their labels, the rest choose (labels=auto)
-        runs = [("lowrank init, hard labels", "lowrank_init_hard", "lowrank", {"iterations": 0, "labels": "hard"}),
-                ("lowrank init, soft labels", "lowrank_init_soft", "lowrank", {"iterations": 0, "labels": "soft"}),
-                ("pixel MTT", "pixel", "pixel", {}),
-                ("MTT-LSS", "lowrank", "lowrank", {}),
-                ("MTT-LSS, soft labels counted in the budget", "lowrank_counted", "lowrank",
-                 {"labels": "soft", "count_labels": True}),
-                ("MTT-LSS, hard labels", "lowrank_hard", "lowrank", {"labels": "hard"})]
-        for method, folder, param, extra in runs:
-            stage(f"IPC {ipc}: {method}")
-            sets[method] = run_distill(distill_config(plan, ipc, param, **extra), experts, out / f"ipc{ipc}" / folder, data)
-        for method, (path, seconds) in sets.items():
-            stage(f"IPC {ipc}: evaluating {method}")
-            res = evaluate(path, plan, data, args.device)
-            m = read_manifest(path)
-            rows.append({"ipc": ipc, "method": method, "images_per_class": m["storage"]["images_per_class"],
-                         "stored_floats_images": m["storage"]["stored_floats_images"],
-                         "label_floats": m["storage"]["label_floats"], "budget_floats": m["storage"]["budget_floats"],
-                         "labels": label_summary(m), "label_stats": {k: m["labels"].get(k) for k in LABEL_STATS},
-                         "label_choice": (m.get("init") or {}).get("labels"),
-                         "accs": res["accs"], "mean": res["mean"], "std": res["std"],
-                         "median": statistics.median(res["accs"]), "selection": m.get("selection"),
-                         "lr": m.get("lr"), "distill_seconds": round(seconds, 1), "eval_seconds": res["seconds"],
-                         "artifact": str(path)})
-            stage(f"  {method}: {100 * res['mean']:.2f} +- {100 * res['std']:.2f}  ({res['accs']})")
+    for ipc, method in (k for k in order if k in tested):
+        res, path = tested[ipc, method], sets[ipc, method]
+        m = read_manifest(path)
+        init_labels = (m.get("init") or {}).get("labels") or {}
+        rows.append({"ipc": ipc, "method": method, "images_per_class": m["storage"]["images_per_class"],
+                     "stored_floats_images": m["storage"]["stored_floats_images"],
+                     "label_floats": m["storage"]["label_floats"], "budget_floats": m["storage"]["budget_floats"],
+                     "labels": label_summary(m), "label_stats": {k: m["labels"].get(k) for k in LABEL_STATS},
+                     "label_start": init_labels.get("start"), "label_choice": init_labels or None,
+                     "accs": res["accs"], "mean": res["mean"], "std": res["std"],
+                     "median": statistics.median(res["accs"]), "selection": m.get("selection"),
+                     "lr": m.get("lr"), "distill_seconds": res["distill_seconds"], "eval_seconds": res["seconds"],
+                     "artifact": path})
 
-    report = {"benchmark": "cifar10", "scale": args.scale, "plan": plan, "machine": machine(),
+    report = {"benchmark": "cifar10", "scale": args.scale, "plan": plan, "machine": machine(), "workers": workers,
               "date": time.strftime("%Y-%m-%d"), "expert_seconds": round(expert_seconds, 1), "experts": validity,
               "total_seconds": round(time.time() - t_start, 1), "results": rows}
     atomic_write_json(out / "results.json", report)
@@ -248,7 +340,7 @@ def machine() -> dict:
 def markdown(report: dict) -> str:
     lines = [f"CIFAR-10, {report['scale']} scale, {report['date']}, {report['machine']['cuda'] or str(report['machine']['cpu_count']) + ' CPU cores'}; "
              f"expert training in this run {report['expert_seconds']:.0f}s (about 0 when an earlier run's experts were reused), "
-             f"total {report['total_seconds'] / 60:.1f} min",
+             f"{report.get('workers', 1)} worker process(es), total {report['total_seconds'] / 60:.1f} min",
              f"experts: {report['plan']['experts']}, validation accuracy "
              f"{[round(e['final_val_acc'], 3) for e in report['experts']]}",
              "", "| IPC | method | images/class | stored floats (images) | label floats | images + labels (% of budget) "
