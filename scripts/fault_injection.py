@@ -5,7 +5,7 @@ then, ``--kills`` times, starts the same command in a fresh folder, sends SIGKIL
 uniformly over the reference run's duration (so some land before the first file, some after), checks the files
 left behind, reruns the command to completion and compares its result with the reference:
 
-    python scripts/fault_injection.py --kills 20 --out scripts/results/fault_injection.json   # the full run (~15 min)
+    python scripts/fault_injection.py --kills 20 --out scripts/results/fault_injection.json   # the full run (~20-30 min on 2 cores)
     python scripts/fault_injection.py --kills 1 --commands experts                           # a smoke test
 
 Printed per command: runs / completed (the rerun exited 0) / identical (bit for bit: the expert files, the

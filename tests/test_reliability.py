@@ -183,6 +183,19 @@ def _full_data_without_dataset(p, tmp):
     return ["evaluate", "--full-data"]
 
 
+def _damaged_checkpoint(p, tmp):
+    (tmp / "run").mkdir()
+    (tmp / "run" / "checkpoint.pt").write_bytes(b"not a checkpoint" * 20)
+    return _distill(p["experts"], tmp / "run")
+
+
+def _damaged_preprocessing_state(p, tmp):
+    experts = tmp / "e"
+    shutil.copytree(p["experts"], experts)
+    (experts / "preprocess.safetensors").write_bytes(os.urandom(64))
+    return _distill(experts, tmp / "run")
+
+
 CASES = {
     "out is an existing file (export)": (_out_is_a_file_export, ["is an existing file", "folder"]),
     "out is an existing file (distill)": (_out_is_a_file_distill, ["is an existing file", "folder"]),
@@ -200,6 +213,8 @@ CASES = {
     "artifact names an npz path": (_artifact_names_an_npz_path, ["expects dataset", "pass --dataset npz:"]),
     "artifact names a deep cifar10 root": (_artifact_names_a_deep_cifar_root, ["expects dataset 'cifar10'", "--data-root"]),
     "--full-data without --dataset": (_full_data_without_dataset, ["--full-data needs --dataset"]),
+    "damaged checkpoint": (_damaged_checkpoint, ["checkpoint.pt is damaged", "delete it"]),
+    "damaged preprocessing state": (_damaged_preprocessing_state, ["preprocess.safetensors is missing or damaged"]),
 }
 
 
@@ -250,3 +265,16 @@ def test_debug_shows_the_traceback_of_a_user_error(tmp_path, capsys):
         cli.main([*argv, "--debug"])
     proc = run_cli(*argv, env={"MTTLSS_DEBUG": "1"})
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "ExpertError" in proc.stderr
+
+
+def test_out_of_memory_is_a_sentence_not_a_bug(capsys):
+    import torch
+
+    def oom(args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    args = cli.build_parser().parse_args(["presets"])
+    args.func = oom
+    assert cli.run_command(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "out of memory (CUDA out of memory" in err and "memory=checkpoint" in err

@@ -51,7 +51,7 @@ from mttlss.data import load_dataset, load_for_artifact
 from mttlss.distillation import distill
 from mttlss.distributed import init_distributed
 from mttlss.errors import (DEBUG_ENV, EXIT_INTERRUPTED, EXIT_USER_ERROR, INTERRUPTED, DiskFullError, UserError,
-                           is_disk_full, is_user_error, user_message)
+                           is_disk_full, is_user_error, out_of_memory, user_message)
 from mttlss.evaluate import EVAL_SPLITS, evaluate_artifact, evaluate_full_data, format_results, get_recipe, record_results
 from mttlss.experts import ExpertConfig, ExpertSet, import_reference, train_experts
 from mttlss.export import FORMATS, export
@@ -429,6 +429,7 @@ def run_command(args: argparse.Namespace, *, debug: bool = False) -> int:
             raise
         if not is_user_error(exc) and is_disk_full(exc):  # a full disk met outside the atomic writers
             exc = DiskFullError(getattr(args, "out", None) or os.getcwd(), detail=f"{type(exc).__name__}: {exc}"[:160])
+        exc = out_of_memory(exc) or exc
         if is_user_error(exc):
             print(f"{prefix}: error: {user_message(exc)}", file=sys.stderr)
             return EXIT_USER_ERROR

@@ -531,7 +531,11 @@ def load_checkpoint(out: Path, *, cfg: DistillConfig, device: str, experts: Expe
     path = out / CHECKPOINT
     if not path.exists():
         return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # written atomically, so only a file changed by someone else gets here
+        raise DistillError(f"{path} is damaged or not a checkpoint ({type(exc).__name__}: {str(exc)[:120]}); delete it "
+                           f"to start the run in {out} over, or use another --out") from exc
     _check_resumable(out, ckpt, cfg=cfg, experts=experts)
     syn = build_synthetic_set(json.loads(ckpt["description"]))
     syn.load_state_dict(ckpt["state"]["synthetic"])

@@ -94,6 +94,17 @@ USER_OS_ERRORS = (errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.E
                   errno.ENAMETOOLONG, errno.EROFS)
 
 
+def out_of_memory(exc: BaseException) -> UserError | None:
+    """An allocation that did not fit (torch's OutOfMemoryError, a CPU "not enough memory") as a sentence."""
+    text = str(exc)
+    if not isinstance(exc, (RuntimeError, MemoryError)) or not (
+            isinstance(exc, MemoryError) or "out of memory" in text.lower() or "not enough memory" in text.lower()):
+        return None
+    first = text.strip().splitlines()[0][:160] if text.strip() else type(exc).__name__
+    return UserError(f"out of memory ({first}); lower batch_syn or syn_steps, use --set memory=checkpoint, fewer "
+                     "--workers, or a device with more free memory")
+
+
 def is_user_error(exc: BaseException) -> bool:
     """UserError, and the built-in errors our own checks and the user's paths raise (ValueError, KeyError,
     a missing or unwritable path); anything else is a bug to report."""

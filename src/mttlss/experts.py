@@ -137,13 +137,22 @@ def _data_and_preprocessor(cfg: ExpertConfig, out: Path | None) -> tuple[RealDat
     )
     state_file = out / "preprocess.safetensors" if out is not None else None
     if state_file is not None and state_file.exists():
-        meta = read_manifest(out)["preprocessing"]
-        with safe_open(str(state_file), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        return data, Preprocessor.from_state(meta, tensors)
+        return data, _read_preprocessor(out, read_manifest(out)["preprocessing"])
     # fitted on train minus validation: the validation split stays unseen by experts and by the ZCA fit
     pre = Preprocessor.fit(cfg.preprocess, data.x_train, dataset=cfg.dataset, eps=cfg.zca_eps)
     return data, pre
+
+
+def _read_preprocessor(folder: Path, meta: dict) -> Preprocessor:
+    """The fitted preprocessing state of an experts folder (``preprocess.safetensors``)."""
+    path = Path(folder) / "preprocess.safetensors"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return Preprocessor.from_state(meta, tensors)
+    except Exception as exc:  # missing, damaged (safetensors' own error types), or not the manifest's kind
+        raise ExpertError(f"{path} is missing or damaged ({type(exc).__name__}: {exc}); the experts cannot be used "
+                          "without it: retrain them into a new folder") from exc
 
 
 def train_expert(index: int, cfg: ExpertConfig, *, data: RealData, pre: Preprocessor, device: str,
@@ -338,9 +347,7 @@ class ExpertSet:
         return self.manifest["dataset"]
 
     def preprocessor(self) -> Preprocessor:
-        with safe_open(str(self.folder / "preprocess.safetensors"), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        return Preprocessor.from_state(self.manifest["preprocessing"], tensors)
+        return _read_preprocessor(self.folder, self.manifest["preprocessing"])
 
     def check_model(self, model: torch.nn.Module) -> ParamLayout:
         """Fail loudly when ``model`` is not the network these experts were trained with."""
