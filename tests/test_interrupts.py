@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -254,3 +255,15 @@ def test_evaluation_resumes_training_only_the_missing_networks(experts_dir, tmp_
     assert "kept 2 of 3 finished networks (seeds [0, 2])" in capsys.readouterr().err
     other = evaluate_artifact(art, **{**kw, "epochs": 6})  # another recipe: nothing of the first is reused
     assert trained[4:] == [0, 1, 2] and len(other["accs"]) == 3
+
+
+def test_evaluate_no_resume_neither_keeps_nor_reuses(experts_dir, tmp_path, capsys):
+    art = tmp_path / "art.safetensors"
+    assert cli.main(["random", "--dataset", "digits", "--ipc", "1", "--experts", str(experts_dir), "--out", str(art)]) == 0
+    flags = ["evaluate", str(art), "--runs", "1", "--recipe", "quick-100", "--epochs", "2"]
+    assert cli.main(flags) == 0 and art.with_name(art.name + ".evaluations").is_dir()
+    capsys.readouterr()
+    assert cli.main([*flags, "--no-resume"]) == 0
+    assert "resuming" not in capsys.readouterr().err
+    shutil.rmtree(art.with_name(art.name + ".evaluations"))
+    assert cli.main([*flags, "--no-resume"]) == 0 and not art.with_name(art.name + ".evaluations").exists()

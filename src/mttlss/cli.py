@@ -7,7 +7,7 @@ reads or downloads torchvision's files instead):
     mttlss experts  --dataset npz:../shared/data/cifar10.npz --zca --num-experts 10 --epochs 50 --out experts/c10
     mttlss budget   --dataset cifar10 --ipc 1 --rank 4  # images per class that fit the storage budget
     mttlss distill  --experts experts/c10 --ipc 1 --param lowrank --preset cifar10_ipc1_lowrank --out runs/c10_ipc1
-    mttlss evaluate runs/c10_ipc1/synthetic.safetensors --runs 5 --epochs 1000 --record
+    mttlss evaluate runs/c10_ipc1/synthetic.safetensors --dataset npz:../shared/data/cifar10.npz --runs 5 --epochs 1000 --record
     mttlss export   runs/c10_ipc1/synthetic.safetensors --format ddranking --out export/c10_ipc1
     mttlss show     runs/c10_ipc1/synthetic.safetensors --out grid.png
     mttlss info     runs/c10_ipc1/synthetic.safetensors          # or an experts folder
@@ -171,7 +171,7 @@ def cmd_evaluate(args) -> int:
             raise UserError("give an artifact path (mttlss evaluate FILE.safetensors), or --full-data --dataset D")
         res = evaluate_artifact(args.artifact, dataset=args.dataset, data_root=args.data_root, model=args.model,
                                 runs=args.runs, recipe=args.recipe, epochs=args.epochs, seed=args.seed, device=args.device,
-                                workers=args.workers, split=args.split, resume=True)
+                                workers=args.workers, split=args.split, resume=not args.no_resume)
     print(format_results(res), flush=True)  # first: a write that fails below costs only the write, not the evaluation
     if args.json and init_distributed().is_main:
         atomic_write_json(args.json, res)
@@ -336,6 +336,8 @@ def _parser_evaluate(sub) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--record", action="store_true", help="append the results to the artifact's manifest (after printing them)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--no-resume", action="store_true", help="train every network again: neither reuse nor keep the "
+                   "finished networks of <artifact>.evaluations/ (e.g. to time an evaluation)")
     p.set_defaults(func=cmd_evaluate)
 
 
