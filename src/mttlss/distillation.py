@@ -534,7 +534,8 @@ def load_checkpoint(out: Path, *, cfg: DistillConfig, device: str, experts: Expe
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # written atomically, so only a file changed by someone else gets here
-        raise DistillError(f"{path} is damaged or not a checkpoint ({type(exc).__name__}: {str(exc)[:120]}); delete it "
+        # the exception's own text is left out: torch's advice there (weights_only=False) would run the file's code
+        raise DistillError(f"{path} is damaged or not a checkpoint ({type(exc).__name__}); delete it "
                            f"to start the run in {out} over, or use another --out") from exc
     _check_resumable(out, ckpt, cfg=cfg, experts=experts)
     syn = build_synthetic_set(json.loads(ckpt["description"]))
