@@ -230,7 +230,8 @@ def test_bad_input_is_one_sentence_exit_2_and_changes_nothing(case, protected, t
     assert len(lines) == 1 and ": error: " in lines[0], proc.stderr
     for word in words:
         assert word in proc.stderr, (word, proc.stderr)
-    assert "allow_pickle" not in proc.stderr and ": error: '" not in proc.stderr  # no numpy advice, no KeyError quotes
+    # no advice to unpickle (numpy's allow_pickle, torch's weights_only=False), no KeyError quotes
+    assert "allow_pickle" not in proc.stderr and "weights_only" not in proc.stderr and ": error: '" not in proc.stderr
     assert tree_digest(protected["root"]) == before
     assert not (tmp_path / "some").exists() and not (tmp_path / "elsewhere").exists()  # nothing created, downloaded
     assert not (tmp_path / "no-data-here").exists()
