@@ -375,3 +375,73 @@ def test_load_recorded_reads_the_split_record_old_and_new():
     assert split_arguments({"val_fraction": 0.1, "seed": 3, "n_val": 9}) == {"val_fraction": 0.1, "split_seed": 3}
     with pytest.raises(ValueError, match="no name"):
         load_recorded({"split": record["split"]})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# every dataset is checked where it enters
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _tiny_npz(path, *, x_train=None, y_train=None, x_test=None, y_test=None, **extra):
+    rng = _rng(9)
+    x = rng.integers(0, 256, (12, 4, 4, 3), dtype=np.uint8)
+    arrays = dict(x_train=x if x_train is None else x_train, y_train=np.arange(12) % 3 if y_train is None else y_train,
+                  x_test=x[:3] if x_test is None else x_test, y_test=np.arange(3) if y_test is None else y_test)
+    np.savez(path, **arrays, **extra)
+    return f"npz:{path}"
+
+
+@pytest.mark.parametrize("arrays, words", [
+    (dict(y_train=5 + np.arange(12) % 3, y_test=np.arange(3)), ["classes 0-4 of 0..7 have no training image", "renumber"]),
+    (dict(y_train=np.arange(12) % 2, y_test=np.array([0, 1, 2])), ["classes 2 of 0..2", "training labels: 0-1"]),
+    (dict(y_train=np.arange(12) % 3, class_names=np.array(["a", "b", "c", "d"])), ["classes 3 of 0..3"]),
+    (dict(x_train=np.full((12, 4, 4, 3), np.nan, np.float32)), ["NaN or infinite"]),
+    (dict(x_train=np.full((12, 4, 4, 3), 255.0, np.float32)), ["must lie in [0, 1]"]),
+    (dict(y_train=np.arange(11) % 3), ["y_train must be integer"]),
+    (dict(y_train=(np.arange(12) % 3).astype(np.float32)), ["y_train must be integer"]),
+    (dict(class_names=np.array(["a", "a", "b"])), ["class names repeat"]),
+])
+def test_npz_data_is_checked_at_load(tmp_path, arrays, words):
+    name = _tiny_npz(tmp_path / "d.npz", **arrays)
+    with pytest.raises(DatasetError) as info:
+        load_dataset(name)
+    for word in words:
+        assert word in str(info.value), str(info.value)
+
+
+def test_npz_that_is_not_a_zip_or_holds_pickles_is_refused_without_pickle_advice(tmp_path):
+    (tmp_path / "noise.npz").write_bytes(bytes(range(256)) * 3)
+    with pytest.raises(DatasetError, match="not an .npz archive") as info:
+        load_dataset(f"npz:{tmp_path / 'noise.npz'}")
+    assert "allow_pickle" not in str(info.value)
+    objects = np.array([{"a": 1}] * 12, dtype=object)
+    name = _tiny_npz(tmp_path / "pickled.npz", y_train=objects)
+    with pytest.raises(DatasetError, match="never loads") as info:
+        load_dataset(name)
+    assert "allow_pickle" not in str(info.value)
+
+
+def test_recorded_data_that_changed_shape_is_refused(tmp_path):
+    name = _tiny_npz(tmp_path / "d.npz")
+    record = dataset_record(load_dataset(name), data_root=None)
+    _tiny_npz(tmp_path / "d.npz", x_train=np.zeros((12, 4, 4), np.uint8), x_test=np.zeros((3, 4, 4), np.uint8))
+    with pytest.raises(ValueError, match=r"images \[3, 4, 4\].*now has 3 classes of images \[1, 4, 4\]"):
+        load_recorded(record, source="the experts in X")
+
+
+def test_an_artifacts_dataset_record_is_never_acted_on(tmp_path, monkeypatch):
+    from mttlss.data import load_for_artifact
+
+    monkeypatch.setenv("MTTLSS_DATA", str(tmp_path / "default"))
+    deep = tmp_path / "some" / "deep" / "dir"
+    cifar = {"name": "cifar10", "data_root": str(deep), "num_classes": 10, "image_shape": [3, 32, 32]}
+    with pytest.raises(ValueError, match="expects dataset 'cifar10'.*pass --data-root DIR"):
+        load_for_artifact(cifar)
+    assert not deep.exists() and not (tmp_path / "default").exists()  # no folder made, nothing downloaded
+
+    name = _tiny_npz(tmp_path / "d.npz")
+    record = dataset_record(load_dataset(name), data_root=None)
+    with pytest.raises(ValueError, match=f"pass --dataset {name}"):
+        load_for_artifact(record)
+    data = load_for_artifact(record, dataset=name)  # named by the user: read
+    assert data.num_classes == 3 and data.split == load_dataset(name).split

@@ -19,8 +19,9 @@ The pipeline, one module per stage; each module uses only modules above it in th
     records         where a run's per-iteration records go (log.jsonl, progress bar, TensorBoard)
     distillation    the outer loop
     baselines, export, quickstart   random real images at the same storage, other tools' formats, the demo
-    cli             a thin layer on top (io_utils, distributed and runtime are small utilities used throughout:
-                    atomic files; torchrun ranks and the rank-sliced inner step; the CPU allocator setting)
+    cli             a thin layer on top (errors, schema, io_utils, distributed and runtime are small utilities used
+                    throughout: user errors and a full disk; manifest checks; atomic files and Ctrl-C; torchrun ranks
+                    and the rank-sliced inner step; the CPU allocator setting)
 
     import mttlss
     cfg = mttlss.resolve_config(preset="cifar10_ipc1_lowrank")

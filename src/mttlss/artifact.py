@@ -33,10 +33,12 @@ import torch
 import torch.utils.data
 
 from mttlss import __version__
+from mttlss.errors import UserError
 from mttlss.io_utils import atomic_save_safetensors
 from mttlss.labels import label_stats
 from mttlss.parameterization import build_synthetic_set
 from mttlss.preprocessing import Preprocessor
+from mttlss.schema import Nullable, check_record, require
 
 FORMAT = "mttlss-artifact"
 FORMAT_VERSION = 1
@@ -46,7 +48,7 @@ _RESERVED = ("labels", "lr")
 LABEL_KINDS = ("hard", "logits")
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(UserError, RuntimeError):
     """A file that is missing, damaged, foreign or too new to be read as an mttlss artifact."""
 
 
@@ -233,7 +235,27 @@ def _parse_manifest(path: Path, metadata: dict | None) -> dict:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ArtifactError(f"{path} has artifact format_version {version!r}, but this mttlss reads versions "
                             f"<= {FORMAT_VERSION}; upgrade: pip install -U mttlss.")
+    check_record(manifest, MANIFEST_SCHEMA, file=path, fix=_FIX)
     return manifest
+
+
+_FIX = "the artifact's manifest is damaged or was edited by hand; re-create the artifact (mttlss distill, mttlss random)"
+MANIFEST_SCHEMA = {
+    "dataset": {"name": Nullable(str), "class_names": Nullable(list), "num_classes": Nullable(int),
+                "image_shape": Nullable(list), "split": Nullable(dict), "data_root": Nullable(str)},
+    "ipc": int, "synthetic": dict, "preprocessing": {"kind": str}, "labels": Nullable(dict),
+    "model": Nullable(dict), "selection": Nullable(dict), "results": Nullable(list),
+}
+
+
+def _check_classes(path: Path, manifest: dict, num_classes: int) -> None:
+    """The manifest's class count and class names against the stored set's classes."""
+    ds = manifest["dataset"]
+    require(ds.get("num_classes") in (None, num_classes), file=path, field="dataset.num_classes",
+            problem=f"says {ds.get('num_classes')} classes but the stored set has {num_classes}", fix=_FIX)
+    names = ds.get("class_names")
+    require(names is None or (len(names) == num_classes and all(isinstance(n, str) for n in names)), file=path,
+            field="dataset.class_names", problem=f"{len(names or [])} names for {num_classes} classes", fix=_FIX)
 
 
 def read_manifest(path) -> dict:
@@ -354,6 +376,7 @@ def load(path) -> Artifact:
         preprocessor = Preprocessor.from_state(manifest["preprocessing"], pre_tensors)
     except (KeyError, ValueError, RuntimeError, TypeError) as exc:
         raise ArtifactError(f"{path}: the preprocessing state is incomplete ({exc}); re-create the artifact.") from exc
+    _check_classes(path, manifest, int(synthetic.num_classes))
     labels = tensors["labels"]
     if labels.shape[0] != synthetic.num_images:
         raise ArtifactError(f"{path}: {labels.shape[0]} labels for {synthetic.num_images} images; re-create it.")

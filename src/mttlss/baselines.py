@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from mttlss.artifact import save_artifact
-from mttlss.data import RealData, dataset_record, load_dataset, load_recorded
+from mttlss.data import RealData, canonical_name, dataset_record, load_dataset, load_recorded
+from mttlss.errors import UserError
 from mttlss.experts import ExpertSet
 from mttlss.models import model_spec as make_model_spec
 from mttlss.parameterization import PixelSet
@@ -23,6 +24,13 @@ def random_real_set(data: RealData, pre: Preprocessor, *, ipc: int, seed: int = 
     return PixelSet.from_real(pre(data.x_train), data.y_train, num_classes=data.num_classes, images_per_class=ipc, generator=gen)
 
 
+def _check_same_dataset(dataset: str | None, experts: ExpertSet) -> None:
+    """The --dataset of a baseline that reuses an experts folder must be the experts' own."""
+    if dataset and canonical_name(dataset) != experts.dataset["name"]:
+        raise UserError(f"--dataset {dataset} is not the dataset the experts in {experts.folder} were trained on "
+                        f"({experts.dataset['name']}); pass --dataset {experts.dataset['name']}, or drop --experts")
+
+
 def random_real_artifact(*, dataset: str, ipc: int, out: str | Path, data_root: str | None = None,
                          experts: str | Path | None = None, seed: int = 0, zca: bool = False,
                          data: RealData | None = None) -> Path:
@@ -30,8 +38,9 @@ def random_real_artifact(*, dataset: str, ipc: int, out: str | Path, data_root: 
     so the baseline is evaluated exactly like the distilled sets."""
     if experts is not None:
         ex = ExpertSet(experts)
+        _check_same_dataset(dataset, ex)
         data_root = data_root or ex.dataset.get("data_root")
-        data = data or load_recorded(ex.dataset, data_root=data_root)
+        data = data or load_recorded(ex.dataset, data_root=data_root, source=f"the experts in {ex.folder}")
         pre, spec = ex.preprocessor(), ex.model
     else:
         data = data or load_dataset(dataset, data_root=data_root)

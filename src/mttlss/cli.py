@@ -7,7 +7,7 @@ reads or downloads torchvision's files instead):
     mttlss experts  --dataset npz:../shared/data/cifar10.npz --zca --num-experts 10 --epochs 50 --out experts/c10
     mttlss budget   --dataset cifar10 --ipc 1 --rank 4  # images per class that fit the storage budget
     mttlss distill  --experts experts/c10 --ipc 1 --param lowrank --preset cifar10_ipc1_lowrank --out runs/c10_ipc1
-    mttlss evaluate runs/c10_ipc1/synthetic.safetensors --runs 5 --epochs 1000 --record
+    mttlss evaluate runs/c10_ipc1/synthetic.safetensors --dataset npz:../shared/data/cifar10.npz --runs 5 --epochs 1000 --record
     mttlss export   runs/c10_ipc1/synthetic.safetensors --format ddranking --out export/c10_ipc1
     mttlss show     runs/c10_ipc1/synthetic.safetensors --out grid.png
     mttlss info     runs/c10_ipc1/synthetic.safetensors          # or an experts folder
@@ -22,7 +22,17 @@ or a YAML path). Unknown keys are rejected with the list of valid ones.
 
 Several processes: `mttlss experts --workers 4 ...` or `torchrun --nproc_per_node 4 -m mttlss.cli experts ...`
 (each rank trains its share of the experts, one GPU per rank); `mttlss evaluate --workers 4` likewise.
-Long runs resume: rerun the same command after an interruption.
+Long runs resume: rerun the same command after an interruption (experts keep their finished experts, distill
+its last checkpoint, evaluate its finished networks); a resumed run says so in one line.
+
+Ctrl-C: experts, distill and evaluate finish the file they are writing (distill also its iteration, then a
+checkpoint; a second Ctrl-C stops at once) and exit 130: "interrupted; rerun the same command to resume".
+Errors: a mistake in what was asked for or given ends with one sentence on stderr that names the fix, exit code 2;
+`--debug` (or MTTLSS_DEBUG=1) shows its traceback. Anything else is a bug: its traceback, and a request to report it.
+A full disk names the full folder; the files written before it (checkpoint, finished experts) are intact.
+An artifact is data, never a pointer: `evaluate` and `export --full-train-zca` read the dataset it names only
+when that takes no path from it (digits; cifar10 etc. under --data-root or $MTTLSS_DATA, never downloaded
+unasked); an npz:/folder: dataset must be named with --dataset.
 """
 
 from __future__ import annotations
@@ -31,15 +41,18 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from mttlss.artifact import format_manifest, load, read_manifest
 from mttlss.baselines import random_real_artifact
 from mttlss.config import CHOICES, DistillConfig, config_keys, load_preset, parse_set, preset_names, resolve_config
-from mttlss.data import load_dataset
+from mttlss.data import load_dataset, load_for_artifact
 from mttlss.distillation import distill
 from mttlss.distributed import init_distributed
-from mttlss.evaluate import EVAL_SPLITS, evaluate_artifact, evaluate_full_data, format_results, get_recipe
+from mttlss.errors import (DEBUG_ENV, EXIT_INTERRUPTED, EXIT_USER_ERROR, INTERRUPTED, DiskFullError, UserError,
+                           is_disk_full, is_user_error, out_of_memory, user_message)
+from mttlss.evaluate import EVAL_SPLITS, evaluate_artifact, evaluate_full_data, format_results, get_recipe, record_results
 from mttlss.experts import ExpertConfig, ExpertSet, import_reference, train_experts
 from mttlss.export import FORMATS, export
 from mttlss.io_utils import atomic_write_json
@@ -55,6 +68,22 @@ def _model_spec(args) -> dict:
     return model_spec(args.model, **overrides)
 
 
+def _out_folder(path: str, *, flag: str = "--out") -> str:
+    """An output folder: created when missing, refused (before any work is done) when it is a file."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise UserError(f"{flag} {path} is an existing file, but {flag} names a folder; give a folder path "
+                        "(it is created if missing)")
+    return path
+
+
+def _out_file(path: str | None, *, flag: str = "--out", example: str = "NAME.safetensors") -> str | None:
+    """An output file: refused (before any work is done) when it is a folder."""
+    if path is not None and Path(path).is_dir():
+        raise UserError(f"{flag} {path} is a folder, but {flag} names a file; give a file path such as "
+                        f"{Path(path) / example}")
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------------
 # commands
 
@@ -64,7 +93,7 @@ def cmd_experts(args) -> int:
                        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, preprocess="zca" if args.zca else "normalize",
                        dsa=not args.no_dsa, seed=args.seed, channels_last=args.fast, bf16=args.fast or args.bf16,
                        compile=args.fast or args.compile, device=args.device)
-    experts = train_experts(cfg, args.out, workers=args.workers)
+    experts = train_experts(cfg, _out_folder(args.out), workers=args.workers)
     if init_distributed().is_main:  # under torchrun, one rank reports
         _print_expert_validity(experts)
     return 0
@@ -73,7 +102,7 @@ def cmd_experts(args) -> int:
 def cmd_experts_import(args) -> int:
     cfg = ExpertConfig(dataset=args.dataset, data_root=args.data_root, model=_model_spec(args),
                        preprocess="zca" if args.zca else "normalize", val_fraction=args.val_fraction)
-    experts = import_reference(args.paths, args.out, cfg=cfg)
+    experts = import_reference(args.paths, _out_folder(args.out), cfg=cfg)
     print(f"imported {len(experts.indices)} experts x {experts.epochs} epochs into {experts.folder}")
     return 0
 
@@ -112,7 +141,7 @@ def cmd_distill(args) -> int:
     kwargs = {k: v for k, v in (("ipc", args.ipc), ("param", args.param), ("iterations", args.iterations),
                                 ("device", args.device)) if v is not None}
     cfg = resolve_config(preset=args.preset, overrides=parse_set(args.set), **kwargs)
-    result = distill(cfg, experts=args.experts, out=args.out, argv=sys.argv)
+    result = distill(cfg, experts=args.experts, out=_out_folder(args.out), argv=sys.argv)
     if not init_distributed().is_main:  # under torchrun, rank 0 reports
         return 0
     if result.artifact is None:
@@ -124,7 +153,7 @@ def cmd_distill(args) -> int:
 
 def _evaluate_full_data(args) -> dict:
     if not args.dataset:
-        raise SystemExit("--full-data needs --dataset")
+        raise UserError("--full-data needs --dataset D (the real data to train on), e.g. --dataset digits")
     data = load_dataset(args.dataset, data_root=args.data_root)
     pre = Preprocessor.fit("zca" if args.zca else "normalize", data.x_train, dataset=args.dataset)
     epochs = args.epochs or 50
@@ -134,22 +163,25 @@ def _evaluate_full_data(args) -> dict:
 
 
 def cmd_evaluate(args) -> int:
+    _out_file(args.json, flag="--json", example="results.json")
     if args.full_data:
         res = _evaluate_full_data(args)
     else:
         if not args.artifact:
-            raise SystemExit("give an artifact path, or --full-data --dataset D")
-        res = evaluate_artifact(args.artifact, data_root=args.data_root, model=args.model, runs=args.runs, recipe=args.recipe,
-                                epochs=args.epochs, seed=args.seed, device=args.device, workers=args.workers,
-                                split=args.split, record=args.record)
-    print(format_results(res))
+            raise UserError("give an artifact path (mttlss evaluate FILE.safetensors), or --full-data --dataset D")
+        res = evaluate_artifact(args.artifact, dataset=args.dataset, data_root=args.data_root, model=args.model,
+                                runs=args.runs, recipe=args.recipe, epochs=args.epochs, seed=args.seed, device=args.device,
+                                workers=args.workers, split=args.split, resume=not args.no_resume)
+    print(format_results(res), flush=True)  # first: a write that fails below costs only the write, not the evaluation
     if args.json and init_distributed().is_main:
         atomic_write_json(args.json, res)
+    if args.record and not args.full_data:
+        record_results(args.artifact, res)
     return 0
 
 
 def cmd_random(args) -> int:
-    path = random_real_artifact(dataset=args.dataset, data_root=args.data_root, ipc=args.ipc, out=args.out,
+    path = random_real_artifact(dataset=args.dataset, data_root=args.data_root, ipc=args.ipc, out=_out_file(args.out),
                                 experts=args.experts, seed=args.seed, zca=args.zca)
     print(f"wrote {path}")
     return 0
@@ -174,10 +206,10 @@ def cmd_info(args) -> int:
 def cmd_export(args) -> int:
     full_train_zca = None
     if args.full_train_zca:  # DD-Ranking whitens with a ZCA fitted on the FULL training split: re-whiten to match
-        ds = read_manifest(args.artifact)["dataset"]
-        data = load_dataset(ds["name"], data_root=args.data_root or ds.get("data_root"), val_fraction=0.0)
-        full_train_zca = Preprocessor.fit("zca", data.x_train, dataset=ds["name"], fitted_on="full-train")
-    for p in export(args.artifact, fmt=args.format, out_dir=args.out, full_train_preprocessor=full_train_zca):
+        data = load_for_artifact(read_manifest(args.artifact)["dataset"], dataset=args.dataset, data_root=args.data_root,
+                                 source=args.artifact, val_fraction=0.0)
+        full_train_zca = Preprocessor.fit("zca", data.x_train, dataset=data.name, fitted_on="full-train")
+    for p in export(args.artifact, fmt=args.format, out_dir=_out_folder(args.out), full_train_preprocessor=full_train_zca):
         print(p)
     return 0
 
@@ -185,7 +217,7 @@ def cmd_export(args) -> int:
 def cmd_show(args) -> int:
     from mttlss.viz import show_artifact  # here for its measured cost: matplotlib adds ~0.4 s to every CLI start
 
-    for p in show_artifact(load(args.artifact), args.out):
+    for p in show_artifact(load(args.artifact), _out_file(args.out, example="grid.png")):
         print(p)
     return 0
 
@@ -200,7 +232,7 @@ def cmd_presets(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
-    quickstart(out=args.out, fast=args.fast)
+    quickstart(out=_out_folder(args.out), fast=args.fast)
     return 0
 
 
@@ -289,8 +321,9 @@ def _parser_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="train fresh networks on a synthetic set and report test accuracy")
     p.add_argument("artifact", nargs="?")
     p.add_argument("--full-data", action="store_true", help="the upper bound: train on the whole real training split")
-    p.add_argument("--dataset", default=None)
-    p.add_argument("--data-root", default=None)
+    p.add_argument("--dataset", default=None, help="the data to test on; default: the artifact's, read only when it needs "
+                   "no path (digits, or a torchvision set under --data-root / $MTTLSS_DATA): npz:/folder: must be named")
+    p.add_argument("--data-root", default=None, help="where torchvision datasets are read from (or downloaded to)")
     p.add_argument("--zca", action="store_true", help="with --full-data")
     p.add_argument("--model", default=None, help="default: the artifact's architecture")
     p.add_argument("--runs", type=int, default=5)
@@ -301,8 +334,10 @@ def _parser_evaluate(sub) -> None:
     p.add_argument("--split", default="test", choices=EVAL_SPLITS)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--device", default=None)
-    p.add_argument("--record", action="store_true", help="append the results to the artifact's manifest")
+    p.add_argument("--record", action="store_true", help="append the results to the artifact's manifest (after printing them)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--no-resume", action="store_true", help="train every network again: neither reuse nor keep the "
+                   "finished networks of <artifact>.evaluations/ (e.g. to time an evaluation)")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -329,7 +364,9 @@ def _parser_export(sub) -> None:
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--full-train-zca", action="store_true",
                    help="ddranking, ZCA artifacts: re-whiten with a ZCA fitted on the full training split, as DD-Ranking does")
-    p.add_argument("--data-root", default=None)
+    p.add_argument("--dataset", default=None, help="with --full-train-zca: the training data (default: the artifact's, "
+                   "read only when it needs no path; npz:/folder: must be named)")
+    p.add_argument("--data-root", default=None, help="with --full-train-zca: where torchvision datasets are read from")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
 
@@ -354,25 +391,54 @@ _COMMANDS = (_parser_quickstart, _parser_experts, _parser_experts_import, _parse
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mttlss", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of any error (also: {DEBUG_ENV}=1); may follow the command too")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in _COMMANDS:
         add(sub)
     return parser
 
 
+def _pop_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """``--debug`` anywhere on the line (``mttlss --debug distill ...`` or ``mttlss distill ... --debug``)."""
+    return [a for a in argv if a != "--debug"], "--debug" in argv
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv, debug = _pop_debug(argv)
     if argv[:2] == ["experts", "import"]:  # `mttlss experts import PATH ...` reads naturally; route it
         argv = ["experts-import", *argv[2:]]
     args = build_parser().parse_args(argv)
     tune_allocator()  # keep freed tensor memory mapped (1.6-2x on CPU, runtime.py); MTTLSS_ALLOCATOR=system: off
+    return run_command(args, debug=debug or DEBUG_ENV in os.environ)
+
+
+def run_command(args: argparse.Namespace, *, debug: bool = False) -> int:
+    """Run a parsed command. A user error is one sentence on stderr and exit 2, Ctrl-C is exit 130 (the files
+    written so far are whole, so a rerun resumes), a bug shows its traceback and asks to be reported;
+    ``debug`` re-raises everything with its traceback."""
+    prefix = f"mttlss {args.command}"
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as exc:
-        if "MTTLSS_DEBUG" in os.environ:
+    except KeyboardInterrupt:
+        if debug:
             raise
-        print(f"mttlss {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"{prefix}: {INTERRUPTED}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if debug:
+            raise
+        if not is_user_error(exc) and is_disk_full(exc):  # a full disk met outside the atomic writers
+            exc = DiskFullError(getattr(args, "out", None) or os.getcwd(), detail=f"{type(exc).__name__}: {exc}"[:160])
+        exc = out_of_memory(exc) or exc
+        if is_user_error(exc):
+            print(f"{prefix}: error: {user_message(exc)}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        traceback.print_exc()
+        print(f"{prefix}: internal error ({type(exc).__name__}): this is a bug in mttlss; please report it with the "
+              f"command line and the traceback above", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

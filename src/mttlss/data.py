@@ -18,6 +18,7 @@ formats under ``data_root``), ``digits`` (scikit-learn's bundled 8x8 set, no fil
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -25,13 +26,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from mttlss.errors import UserError
+
 TORCHVISION_DATASETS = ("cifar10", "cifar100", "svhn", "mnist", "fashion-mnist")
 BUILTIN_DATASETS = TORCHVISION_DATASETS + ("digits",)
 _ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist",
             "cifar-10": "cifar10", "cifar-100": "cifar100"}
 _VALID_NAMES_TEXT = ", ".join(BUILTIN_DATASETS) + ", npz:/path/to/file.npz, folder:/path/to/dir"
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError, RuntimeError):
     """A dataset could not be found or read; the message says what was expected, where, and how to get it."""
 
 
@@ -345,6 +348,8 @@ def _npz_images(arr: np.ndarray, key: str, path: Path) -> torch.Tensor:
 def _load_npz(path: Path):
     if not path.is_file():
         raise DatasetError(f"npz dataset: file not found: {path}\n  {_NPZ_HELP}")
+    if not zipfile.is_zipfile(path):  # numpy would try it as a pickle and advise allow_pickle: never do that
+        raise DatasetError(f"{path} is not an .npz archive (not a zip file); {_NPZ_HELP}")
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f.files]
@@ -354,7 +359,10 @@ def _load_npz(path: Path):
             names = [str(c) for c in f["class_names"].tolist()] if "class_names" in f.files else None
     except DatasetError:
         raise
-    except Exception as e:  # not a zip, object arrays (allow_pickle=False), truncated file...
+    except Exception as e:  # object arrays (allow_pickle=False), truncated file...
+        if "allow_pickle" in str(e):
+            raise DatasetError(f"{path} holds pickled (object) arrays, which mttlss never loads because unpickling "
+                               f"can run code; save plain numeric arrays instead: {_NPZ_HELP}") from e
         raise DatasetError(f"{path}: could not read as .npz ({type(e).__name__}: {e}); {_NPZ_HELP}") from e
 
     xs, ys = [], []
@@ -416,6 +424,77 @@ def _load_folder(root: Path):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The checks every dataset passes where it enters
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_images(x: torch.Tensor, *, key: str, source: str) -> None:
+    """[N, C, H, W] uint8, or float with finite values in [0, 1]."""
+    if x.dim() != 4:
+        raise DatasetError(f"{source}: {key} has shape {tuple(x.shape)}, expected images [N, C, H, W]; "
+                           "store one array of equally sized images")
+    if x.dtype == torch.uint8 or x.numel() == 0:
+        return
+    if not x.is_floating_point():
+        raise DatasetError(f"{source}: {key} has dtype {x.dtype}; store images as uint8 0..255 or floats in [0, 1]")
+    if not bool(torch.isfinite(x).all()):
+        raise DatasetError(f"{source}: {key} holds NaN or infinite values; clean the images (e.g. numpy.nan_to_num) "
+                           "and save them again")
+    if float(x.min()) < 0.0 or float(x.max()) > 1.0:
+        raise DatasetError(f"{source}: float {key} lies in [{float(x.min()):.4g}, {float(x.max()):.4g}], expected "
+                           "[0, 1]; divide 0..255 values by 255 (or store them as uint8)")
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2, 5, 7-8" (at most a few runs shown)."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    text = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs[:6])
+    return text + (", ..." if len(runs) > 6 else "")
+
+
+def _check_labels(y_train: torch.Tensor, y_test: torch.Tensor, *, num_classes: int, source: str) -> None:
+    """Training labels cover exactly 0..K-1 (every class has a training image), test labels lie within it."""
+    present = torch.unique(y_train).tolist()
+    if not present:
+        raise DatasetError(f"{source}: the training split has no images; give a dataset with training images")
+    if present[0] < 0 or present[-1] >= num_classes:
+        raise DatasetError(f"{source}: training labels run {_ranges(present)}, outside 0..{num_classes - 1} for "
+                           f"{num_classes} classes; number the classes 0..K-1 (numpy.unique(y, return_inverse=True) "
+                           "does it) and give one class name per class")
+    missing = sorted(set(range(num_classes)) - set(present))
+    if missing:
+        raise DatasetError(f"{source}: classes {_ranges(missing)} of 0..{num_classes - 1} have no training image "
+                           f"(training labels: {_ranges(present)}); renumber the labels to 0..K-1 over the classes "
+                           "present (numpy.unique(y, return_inverse=True)), or drop the unused class names")
+    if y_test.numel() and (int(y_test.min()) < 0 or int(y_test.max()) >= num_classes):
+        outside = sorted(v for v in torch.unique(y_test).tolist() if not 0 <= v < num_classes)
+        raise DatasetError(f"{source}: test labels {_ranges(outside)} are not among the {num_classes} training classes "
+                           f"0..{num_classes - 1}; number train and test labels alike")
+
+
+def check_parts(parts: tuple, *, source: str) -> None:
+    """What every loader's (x_train, y_train, x_test, y_test, class_names) must be, checked once at load: images of
+    one shape and a known dtype and range, finite, one label per image, labels 0..K-1 present in training."""
+    x_train, y_train, x_test, y_test, class_names = parts
+    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        _check_images(x, key=f"x_{split}", source=source)
+        if y.dim() != 1 or len(y) != len(x) or y.is_floating_point():
+            raise DatasetError(f"{source}: y_{split} must be integer labels [N] with N = {len(x)} (one per image), "
+                               f"got {y.dtype} {tuple(y.shape)}")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DatasetError(f"{source}: train images {tuple(x_train.shape[1:])} and test images "
+                           f"{tuple(x_test.shape[1:])} differ in shape; give both splits images of one shape")
+    if len(set(class_names)) != len(class_names):
+        raise DatasetError(f"{source}: class names repeat ({list(class_names)[:10]}); give each class its own name")
+    _check_labels(y_train, y_test, num_classes=len(class_names), source=source)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------------------
 
@@ -457,6 +536,7 @@ def load_dataset(
         parts = _load_torchvision(cname, root, download)
     else:
         raise DatasetError(f"unknown dataset {name!r}; valid names: {_VALID_NAMES_TEXT}")
+    check_parts(parts, source=cname[4:] if cname.startswith("npz:") else f"dataset {cname!r}")
     x_full, y_full, x_test, y_test, class_names = parts
 
     keep, val = stratified_split(y_full, fraction=val_fraction, max_count=val_max, seed=split_seed)
@@ -495,12 +575,62 @@ def split_arguments(split: dict | None) -> dict[str, Any]:
     return {k: split[k] for k in SPLIT_ARGS if k in split}
 
 
-def load_recorded(record: dict, *, data_root: str | None = None) -> RealData:
-    """The real data a manifest's dataset ``record`` was made from: same dataset, same validation split.
+def load_recorded(record: dict, *, data_root: str | None = None, source: str = "the manifest") -> RealData:
+    """The real data a manifest's dataset ``record`` was made from: same dataset, same validation split, checked
+    against the record (image shape, class count) so that data which changed since says so.
 
     ``data_root`` overrides where the files are read (default: where the run that wrote the record read them).
     """
-    if "name" not in record:
-        raise ValueError("the manifest's dataset record has no name; pass data=load_dataset(...) explicitly")
+    if not isinstance(record, dict) or not isinstance(record.get("name"), str):
+        raise UserError(f"{source}'s dataset record has no name; pass data=load_dataset(...) explicitly")
     root = data_root if data_root is not None else record.get("data_root")
-    return load_dataset(record["name"], data_root=root, **split_arguments(record.get("split")))
+    data = load_dataset(record["name"], data_root=root, **split_arguments(record.get("split")))
+    check_against_record(data, record, source=source)
+    return data
+
+
+def check_against_record(data: RealData, record: dict, *, source: str) -> None:
+    """Refuse real data whose image shape or class count differ from what ``record`` says it was made from."""
+    shape, classes = record.get("image_shape"), record.get("num_classes")
+    have = [data.channels, *data.image_size]
+    if (shape is not None and list(shape) != have) or (classes is not None and classes != data.num_classes):
+        raise UserError(f"{source}: made from {record.get('name')!r} with {classes} classes of images {shape}, but "
+                        f"{data.name!r} now has {data.num_classes} classes of images {have}; use the dataset it was "
+                        "made from (the experts and artifacts of one dataset do not fit another)")
+
+
+def _artifact_source(record: dict, *, dataset: str | None, data_root: str | None, source: str) -> tuple[str, str | None, bool]:
+    """(dataset name, data root, whether a download may happen) for the data an artifact's ``record`` names,
+    decided by what the user gave: the artifact's own name and data_root are read, never acted on."""
+    expected = record.get("name")
+    shape, classes = record.get("image_shape"), record.get("num_classes")
+    described = f"{source} expects dataset {expected!r} ({classes} classes, images {shape})"
+    if dataset is not None:
+        return dataset, data_root, True  # the user named it: read (or download) as they would for experts
+    if not isinstance(expected, str) or not expected:
+        raise UserError(f"{source} does not say which dataset it was made from; pass --dataset NAME")
+    name = canonical_name(expected)
+    if name.startswith(("npz:", "folder:")):
+        raise UserError(f"{described}, a path that mttlss reads only when you name it: pass --dataset {expected} to "
+                        "read that file, or --dataset npz:PATH / folder:PATH for your copy of it")
+    if name in TORCHVISION_DATASETS:
+        root = Path(data_root).expanduser() if data_root else default_data_root()
+        if data_root is None and _missing_files(name, root):
+            raise UserError(f"{described}, not found under {root}; pass --data-root DIR (the folder that holds it, or "
+                            f"where to download it) or --dataset npz:PATH for a copy of it")
+        return name, str(root), data_root is not None  # downloads only into a folder the user named
+    return name, None, False  # digits (bundled with scikit-learn), or an unknown name load_dataset refuses
+
+
+def load_for_artifact(record: dict, *, dataset: str | None = None, data_root: str | None = None,
+                      source: str = "the artifact", **split: Any) -> RealData:
+    """The real data to evaluate or re-whiten an artifact with. An artifact is data, not a pointer: its record
+    says which dataset it expects, but only ``dataset`` / ``data_root`` (the user's command line) decide which
+    files are read, where, and whether anything is downloaded or created. ``split`` overrides the recorded split."""
+    if not isinstance(record, dict):
+        raise UserError(f"{source}'s dataset record is not a JSON object; re-create the artifact")
+    name, root, may_download = _artifact_source(record, dataset=dataset, data_root=data_root, source=source)
+    args = {**split_arguments(record.get("split")), **split}
+    data = load_dataset(name, data_root=root, download=None if may_download else False, **args)
+    check_against_record(data, record, source=source)
+    return data

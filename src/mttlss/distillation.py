@@ -27,10 +27,11 @@ from mttlss.artifact import save_artifact
 from mttlss.augment import DSAConfig
 from mttlss.config import DistillConfig
 from mttlss.data import RealData, dataset_record, load_recorded
-from mttlss.distributed import init_distributed, reduce_partial_grads
+from mttlss.distributed import init_distributed, reduce_partial_grads, world
+from mttlss.errors import UserError
 from mttlss.experts import ExpertSet
 from mttlss.initialization import init_synthetic
-from mttlss.io_utils import atomic_torch_save, atomic_write_text
+from mttlss.io_utils import StopRequest, atomic_torch_save, atomic_write_text
 from mttlss.labels import experts_mean_logits, label_candidates, label_stats, raise_own_class
 from mttlss.matching import (
     InnerSteps,
@@ -59,7 +60,7 @@ _RESUMABLE_CHANGES = {"iterations", "stop_after", "device", "tensorboard", "chec
 _START_ONLY = {"labels", "label_init", "label_temperature", "label_confidence"}
 
 
-class DistillError(RuntimeError):
+class DistillError(UserError, RuntimeError):
     """The run cannot go on; the message names the knobs to change."""
 
 
@@ -130,7 +131,7 @@ def _setup(config: DistillConfig, *, experts: str | Path | ExpertSet, out: str |
     if cfg.batch_syn is not None and cfg.batch_syn < dist.world_size:
         raise DistillError(f"batch_syn={cfg.batch_syn} is smaller than the {dist.world_size} ranks that share each batch; "
                            f"raise batch_syn or launch fewer ranks")
-    data = data if data is not None else load_recorded(experts.dataset)
+    data = data if data is not None else load_recorded(experts.dataset, source=f"the experts in {experts.folder}")
     pre = experts.preprocessor().to(device)
     model = build_model(experts.model, channels=data.channels, num_classes=data.num_classes, image_size=data.image_size).to(device)
     layout = experts.check_model(model)
@@ -530,7 +531,12 @@ def load_checkpoint(out: Path, *, cfg: DistillConfig, device: str, experts: Expe
     path = out / CHECKPOINT
     if not path.exists():
         return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # written atomically, so only a file changed by someone else gets here
+        # the exception's own text is left out: torch's advice there (weights_only=False) would run the file's code
+        raise DistillError(f"{path} is damaged or not a checkpoint ({type(exc).__name__}); delete it "
+                           f"to start the run in {out} over, or use another --out") from exc
     _check_resumable(out, ckpt, cfg=cfg, experts=experts)
     syn = build_synthetic_set(json.loads(ckpt["description"]))
     syn.load_state_dict(ckpt["state"]["synthetic"])
@@ -561,15 +567,29 @@ def _truncate_log(path: Path, iteration: int) -> list[dict]:
     return records
 
 
-def _save_if_due(run: _Run, state: DistillState, *, stop_at: int, description: dict, info: dict) -> None:
-    """Grids every grid_every iterations; the resume checkpoint every checkpoint_every and where this call stops."""
+def _save_if_due(run: _Run, state: DistillState, *, stop_at: int, description: dict, info: dict,
+                 stopping: bool = False) -> None:
+    """Grids every grid_every iterations; the resume checkpoint every checkpoint_every, where this call stops, and
+    when ``stopping`` (Ctrl-C was pressed: the iteration just finished is kept)."""
     cfg = run.cfg
     if run.out is None or not run.is_main:
         return
     if cfg.grid_every and state.iteration % cfg.grid_every == 0:
         _save_grid(run.out / "grids" / f"iter_{state.iteration:06d}.png", syn=state.synthetic, pre=run.pre, data=run.data)
-    if state.iteration % cfg.checkpoint_every == 0 or state.iteration == stop_at:
+    if state.iteration % cfg.checkpoint_every == 0 or state.iteration == stop_at or stopping:
         save_checkpoint(run.out, cfg=cfg, state=state, description=description, info=info, experts=run.experts)
+
+
+def _say_resumed(run: _Run, state: DistillState) -> None:
+    """One line on stderr, on a terminal or not: what a rerun kept and where it goes on from."""
+    cfg, best = run.cfg, state.best.get("iteration")
+    if state.iteration >= cfg.iterations:
+        print(f"distill: {run.out} has finished all {cfg.iterations} iterations (checkpoint at iteration "
+              f"{state.iteration}); nothing to train", file=sys.stderr)
+        return
+    kept = f"; best on validation so far: iteration {best}" if best is not None else ""
+    print(f"distill: resuming {run.out} from its checkpoint at iteration {state.iteration} (synthetic set, labels, "
+          f"step size and optimiser state kept{kept}); continuing to iteration {cfg.iterations}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -595,15 +615,24 @@ def distill(config: DistillConfig, *, experts: str | Path | ExpertSet, out: str 
         out.mkdir(parents=True, exist_ok=True)
         save_checkpoint(out, cfg=cfg, state=state, description=description, info=info, experts=run.experts)
 
+    if resumed and progress and run.is_main:
+        _say_resumed(run, state)
+
     stop_at = cfg.iterations if cfg.stop_after is None else min(cfg.iterations, state.iteration + cfg.stop_after)
     first_iteration = state.iteration
+    # Ctrl-C finishes the iteration, checkpoints it and stops (one process: ranks could stop at different iterations)
+    stop = StopRequest(message="distill: Ctrl-C: finishing this iteration, then checkpointing (Ctrl-C again stops "
+                               "at once, losing it)", enabled=world()[1] == 1)
     try:
-        while state.iteration < stop_at:
-            record = _timed_step(run, state)          # one outer iteration; state.iteration moves on by one
-            _validate_if_due(run, state, record)      # adds val_acc and keeps the best set, when due
-            history.append(record)
-            sinks.write(record)                       # log.jsonl, progress bar, TensorBoard
-            _save_if_due(run, state, stop_at=stop_at, description=description, info=info)
+        with stop:
+            while state.iteration < stop_at:
+                record = _timed_step(run, state)          # one outer iteration; state.iteration moves on by one
+                _validate_if_due(run, state, record)      # adds val_acc and keeps the best set, when due
+                history.append(record)
+                sinks.write(record)                       # log.jsonl, progress bar, TensorBoard
+                _save_if_due(run, state, stop_at=stop_at, description=description, info=info, stopping=stop.requested)
+                if stop.requested:
+                    raise KeyboardInterrupt
     finally:
         sinks.close()
     return _finish(run, state, description=description, info=info, history=history,

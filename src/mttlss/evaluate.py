@@ -15,13 +15,17 @@ testing the networks themselves (``EvalRecipe``, ``train_and_test``, ``evaluate_
 
 from __future__ import annotations
 
-from dataclasses import replace
+import hashlib
+import json
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any, Callable
 
 from torch import Tensor
 
 from mttlss import artifact as artifact_mod
-from mttlss.data import load_recorded
+from mttlss.data import load_for_artifact
 from mttlss.distributed import default_device, init_distributed
 from mttlss.training import EvalRecipe, evaluate_synthetic
 
@@ -54,9 +58,9 @@ def _as_recipe(recipe: str | EvalRecipe) -> EvalRecipe:
 # --------------------------------------------------------------------------- artifacts and real data
 
 
-def _check_compatible(*, images: Tensor, labels: Tensor, manifest: dict, data: Any) -> None:
+def _check_compatible(*, images: Tensor, labels: Tensor, manifest: dict, data: Any, check_name: bool = True) -> None:
     ds = manifest.get("dataset", {})
-    if ds.get("name") and getattr(data, "name", None) and ds["name"] != data.name:
+    if check_name and ds.get("name") and getattr(data, "name", None) and ds["name"] != data.name:
         raise ValueError(f"artifact was distilled on {ds['name']!r} but evaluation data is {data.name!r}")
     if tuple(images.shape[1:]) != tuple(data.x_test.shape[1:]):
         raise ValueError(f"synthetic images have shape {tuple(images.shape[1:])} but {data.name!r} images have "
@@ -76,7 +80,8 @@ def _split_of(data: Any, split: str) -> tuple[Tensor, Tensor]:
 def evaluate_artifact(
     artifact_or_path: Any,
     *,
-    data: Any | None = None,  # RealData; loaded from the manifest when None
+    data: Any | None = None,  # RealData; else the data the user names (dataset / data_root), checked against the manifest
+    dataset: str | None = None,  # the dataset to evaluate on; None: the manifest's, if mttlss may read it unasked
     data_root: Any = None,
     model: str | dict | None = None,  # None -> the manifest's model spec
     runs: int = 5,
@@ -87,8 +92,13 @@ def evaluate_artifact(
     workers: int = 1,
     split: str = "test",  # "val" for model selection; "test" once per final artifact
     record: bool = False,  # append the results to the artifact's manifest
+    resume: bool = False,  # keep each finished network's result beside the artifact; a rerun trains only the rest
 ) -> dict:
-    """Evaluate an artifact directory (or loaded Artifact) with a named recipe; needs nothing else."""
+    """Evaluate an artifact file (or loaded Artifact) with a named recipe.
+
+    The artifact is data, never a pointer: the dataset it names is read only when that needs no path or folder
+    from the artifact (``digits``, or a torchvision dataset found under ``data_root`` / ``$MTTLSS_DATA``); an
+    ``npz:`` / ``folder:`` dataset, or a download, needs the caller's ``dataset`` / ``data_root``."""
     art = artifact_mod.load(artifact_or_path) if not hasattr(artifact_or_path, "images") else artifact_or_path
     if split not in EVAL_SPLITS:
         raise ValueError(f"split={split!r}; use 'val' (model selection) or 'test' (final report)")
@@ -96,9 +106,11 @@ def evaluate_artifact(
     if epochs is not None and epochs != recipe.epochs:  # a changed recipe gets a name that says so
         recipe = replace(recipe, epochs=epochs, name=f"{recipe.name}@{epochs}ep")
     manifest = art.manifest
-    data = data if data is not None else load_recorded(manifest.get("dataset", {}), data_root=data_root)
+    if data is None:
+        data = load_for_artifact(manifest.get("dataset", {}), dataset=dataset, data_root=data_root,
+                                 source=str(getattr(art, "path", "the artifact")))
     images, labels = art.images(), art.labels
-    _check_compatible(images=images, labels=labels, manifest=manifest, data=data)
+    _check_compatible(images=images, labels=labels, manifest=manifest, data=data, check_name=dataset is None)
     x_eval, y_eval = _split_of(data, split)
     if x_eval is None or len(x_eval) == 0:
         raise ValueError(f"dataset {data.name!r} has no {split} split; use load_dataset(..., val_fraction>0)")
@@ -106,20 +118,58 @@ def evaluate_artifact(
     # test images into the synthetic images' space; skipping this gives ~chance accuracy.
     x_eval = art.preprocessor(x_eval)
     targets = art.targets() if art.label_kind != "hard" else labels
+    spec = model or manifest.get("model") or "convnet"  # the field's default network when nobody names one
+    device = default_device(device)
+    keep = None
+    if resume and getattr(art, "path", None) is not None:
+        keep = _keep_folder(Path(art.path), images=images, targets=targets, x_eval=x_eval, y_eval=y_eval,
+                            settings={"recipe": asdict(recipe), "model": spec, "lr": art.lr, "device": device,
+                                      "split": split, "ipc": manifest.get("ipc")})
     result = evaluate_synthetic(
         images=images, targets=targets, x_test=x_eval, y_test=y_eval, eval_split=split,
-        # the field's default network when neither the caller nor the manifest names one
-        model_spec=model or manifest.get("model") or "convnet", num_classes=data.num_classes,
-        lr=art.lr, recipe=recipe, runs=runs, seed=seed, device=default_device(device), workers=workers,
-        ipc=manifest.get("ipc"),
+        model_spec=spec, num_classes=data.num_classes,
+        lr=art.lr, recipe=recipe, runs=runs, seed=seed, device=device, workers=workers,
+        ipc=manifest.get("ipc"), keep=keep,
     )
     if recipe.lr is None:
         result["recipe"]["lr_source"] = "artifact"
     result["label_kind"] = art.label_kind
     result["dataset"] = data.name
-    if record and init_distributed().is_main:  # under torchrun every rank holds the gathered result; one writes
-        artifact_mod.add_results(getattr(art, "path", artifact_or_path), result)
+    if record:
+        record_results(getattr(art, "path", artifact_or_path), result)
     return result
+
+
+def record_results(path: Any, result: dict) -> None:
+    """Append ``result`` to the artifact's manifest (under torchrun every rank holds the gathered result; rank 0
+    writes)."""
+    if init_distributed().is_main:
+        artifact_mod.add_results(path, result)
+
+
+def _digest(*tensors: Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _keep_folder(path: Path, *, images: Tensor, targets: Tensor, x_eval: Tensor, y_eval: Tensor,
+                 settings: dict) -> Path | None:
+    """``<artifact>.evaluations/<key>/``: where this evaluation keeps its finished networks. The key covers all a
+    network's result depends on (the set, its labels, the test data, recipe, model, lr, device), so a rerun reuses
+    only results it would have computed itself. None (a warning) where the artifact's folder is not writable."""
+    key = hashlib.sha256((_digest(images, targets, x_eval, y_eval) + json.dumps(settings, sort_keys=True,
+                                                                                default=str)).encode()).hexdigest()
+    folder = path.with_name(path.name + ".evaluations") / key[:16]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"warning: cannot keep finished networks in {folder} ({exc}); an interrupted evaluation will start over",
+              file=sys.stderr)
+        return None
+    return folder
 
 
 def evaluate_full_data(

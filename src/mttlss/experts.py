@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,17 +33,65 @@ from mttlss import __version__
 from mttlss.augment import DSAConfig
 from mttlss.data import RealData, dataset_record, load_dataset
 from mttlss.distributed import DistInfo, barrier, init_distributed, map_in_processes, shard
+from mttlss.errors import UserError
 from mttlss.io_utils import atomic_save_safetensors, atomic_write_json
 from mttlss.models import ParamLayout, build_model, flatten_params, model_spec
 from mttlss.preprocessing import Preprocessor
+from mttlss.schema import Nullable, check_record, require
 from mttlss.training import evaluate_accuracy, train_one_epoch
 
 FORMAT = "mttlss-experts"
 FORMAT_VERSION = 1
 
 
-class ExpertError(RuntimeError):
+class ExpertError(UserError, RuntimeError):
     """Experts that are missing, damaged, or do not match what the caller asked for."""
+
+
+_FIX = "the manifest does not fit these experts: retrain them into a new folder (mttlss experts --out NEW)"
+DATASET_SCHEMA = {"name": str, "class_names": Nullable(list), "num_classes": int, "image_shape": list,
+                  "split": Nullable(dict), "data_root": Nullable(str)}
+MANIFEST_SCHEMA = {"format": str, "format_version": int, "identity": Nullable(dict), "dataset": DATASET_SCHEMA,
+                   "preprocessing": {"kind": str}, "model": {"name": str}, "parameter_layout": list, "num_params": int,
+                   "epochs": int}
+
+
+def _check_layout(m: dict, *, file: Path) -> None:
+    """The parameter layout: [name, shape] pairs adding up to num_params, a classifier with one output per class."""
+    layout = m["parameter_layout"]
+    ok = all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and isinstance(e[1], list)
+             and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in e[1]) for e in layout)
+    require(ok, file=file, field="parameter_layout", problem="expected a list of [name, shape] pairs", fix=_FIX)
+    total = sum(math.prod(shape) for _, shape in layout)
+    require(total == m["num_params"], file=file, field="num_params",
+            problem=f"says {m['num_params']} but parameter_layout adds up to {total}", fix=_FIX)
+    outputs = {shape[0] for name, shape in layout if name.startswith("classifier.")}
+    classes = m["dataset"]["num_classes"]
+    require(not outputs or outputs == {classes}, file=file, field="dataset.num_classes",
+            problem=f"says {classes} classes but the experts' classifier has {sorted(outputs)} outputs", fix=_FIX)
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """An experts folder's manifest, checked against its schema (types, lengths, class count against the
+    network's outputs); every message names the file and the field."""
+    file = Path(folder) / "manifest.json"
+    try:
+        m = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ExpertError(f"{file} is damaged ({exc}); retrain the experts into a new folder") from exc
+    check_record(m, {"format": str}, file=file, fix="it is not an mttlss experts manifest; point to an experts folder")
+    if m["format"] != FORMAT:
+        raise ExpertError(f"{file} is not an mttlss experts manifest (format {m['format']!r}); point to an experts folder")
+    check_record(m, MANIFEST_SCHEMA, file=file, fix=_FIX)
+    ds = m["dataset"]
+    names, shape = ds.get("class_names"), ds["image_shape"]
+    require(names is None or len(names) == ds["num_classes"], file=file, field="dataset.class_names",
+            problem=f"{len(names or [])} names for {ds['num_classes']} classes", fix=_FIX)
+    require(len(shape) == 3 and all(isinstance(d, int) and d > 0 for d in shape), file=file, field="dataset.image_shape",
+            problem=f"{shape} is not [channels, height, width]", fix=_FIX)
+    require(m["epochs"] >= 0, file=file, field="epochs", problem=f"{m['epochs']} is negative", fix=_FIX)
+    _check_layout(m, file=file)
+    return m
 
 
 @dataclass
@@ -88,13 +137,22 @@ def _data_and_preprocessor(cfg: ExpertConfig, out: Path | None) -> tuple[RealDat
     )
     state_file = out / "preprocess.safetensors" if out is not None else None
     if state_file is not None and state_file.exists():
-        meta = json.loads((out / "manifest.json").read_text())["preprocessing"]
-        with safe_open(str(state_file), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        return data, Preprocessor.from_state(meta, tensors)
+        return data, _read_preprocessor(out, read_manifest(out)["preprocessing"])
     # fitted on train minus validation: the validation split stays unseen by experts and by the ZCA fit
     pre = Preprocessor.fit(cfg.preprocess, data.x_train, dataset=cfg.dataset, eps=cfg.zca_eps)
     return data, pre
+
+
+def _read_preprocessor(folder: Path, meta: dict) -> Preprocessor:
+    """The fitted preprocessing state of an experts folder (``preprocess.safetensors``)."""
+    path = Path(folder) / "preprocess.safetensors"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return Preprocessor.from_state(meta, tensors)
+    except Exception as exc:  # missing, damaged (safetensors' own error types), or not the manifest's kind
+        raise ExpertError(f"{path} is missing or damaged ({type(exc).__name__}: {exc}); the experts cannot be used "
+                          "without it: retrain them into a new folder") from exc
 
 
 def train_expert(index: int, cfg: ExpertConfig, *, data: RealData, pre: Preprocessor, device: str,
@@ -179,7 +237,7 @@ def _prepare_folder(cfg: ExpertConfig, out: Path) -> tuple[RealData, Preprocesso
     """Load data, fit or restore preprocessing, write manifest + preprocessing state (once)."""
     manifest_file = out / "manifest.json"
     if manifest_file.exists():
-        old = json.loads(manifest_file.read_text())
+        old = read_manifest(out)
         if old.get("identity") != cfg.identity():
             diff = {k: (old.get("identity", {}).get(k), v) for k, v in cfg.identity().items() if old.get("identity", {}).get(k) != v}
             raise ExpertError(
@@ -208,6 +266,13 @@ def finished_experts(out: Path) -> list[int]:
     return sorted(int(p.stem.split("_")[1]) for p in Path(out).glob("expert_[0-9][0-9][0-9].safetensors"))
 
 
+def _say_resumed(out: Path, *, done: list[int], missing: list[int]) -> None:
+    """One line on stderr, on a terminal or not: which experts a rerun kept and which it trains."""
+    rest = f"training the {len(missing)} missing ({', '.join(map(str, missing[:8]))}{', ...' if len(missing) > 8 else ''})"
+    print(f"experts: resuming {out}: kept {len(done)} finished experts; "
+          f"{rest if missing else 'none missing, nothing to train'}", file=sys.stderr)
+
+
 def train_experts(cfg: ExpertConfig, out: str | Path, *, workers: int = 1, progress: bool = True) -> "ExpertSet":
     """Train the missing experts of ``out`` (resumable), in ``workers`` processes or torchrun ranks."""
     out = Path(out)
@@ -219,6 +284,8 @@ def train_experts(cfg: ExpertConfig, out: str | Path, *, workers: int = 1, progr
         data, pre = _data_and_preprocessor(cfg, out)
     done = set(finished_experts(out))
     todo = shard([k for k in range(cfg.num_experts) if k not in done], info)
+    if done and progress and info.is_main:
+        _say_resumed(out, done=sorted(done), missing=[k for k in range(cfg.num_experts) if k not in done])
     if workers > 1 and todo:
         map_in_processes(_train_and_save, [(k, cfg, str(out), info.device) for k in todo], workers=workers)
     else:
@@ -248,17 +315,17 @@ class ExpertSet:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         manifest_file = self.folder / "manifest.json"
+        if self.folder.is_file():
+            raise ExpertError(
+                f"{self.folder} is a file, but --experts takes the folder that `mttlss experts --out DIR` wrote "
+                "(an artifact .safetensors goes to `mttlss evaluate`, `mttlss info` or `mttlss export`)"
+            )
         if not manifest_file.exists():
             raise ExpertError(
                 f"no experts at {self.folder} (manifest.json missing); train them with "
                 f"`mttlss experts --dataset NAME --out {self.folder}` or convert reference buffers with `mttlss experts import`"
             )
-        try:
-            self.manifest = json.loads(manifest_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise ExpertError(f"{manifest_file} is damaged ({exc}); retrain the experts into a new folder") from exc
-        if self.manifest.get("format") != FORMAT:
-            raise ExpertError(f"{manifest_file} is not an mttlss experts manifest")
+        self.manifest = read_manifest(self.folder)
         self.indices = finished_experts(self.folder)
         if not self.indices:
             raise ExpertError(f"{self.folder} has a manifest but no finished expert files; rerun `mttlss experts` to train them")
@@ -280,9 +347,7 @@ class ExpertSet:
         return self.manifest["dataset"]
 
     def preprocessor(self) -> Preprocessor:
-        with safe_open(str(self.folder / "preprocess.safetensors"), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        return Preprocessor.from_state(self.manifest["preprocessing"], tensors)
+        return _read_preprocessor(self.folder, self.manifest["preprocessing"])
 
     def check_model(self, model: torch.nn.Module) -> ParamLayout:
         """Fail loudly when ``model`` is not the network these experts were trained with."""
@@ -308,7 +373,12 @@ class ExpertSet:
             sl = f.get_slice("trajectory")
             rows, cols = sl.get_shape()
             if cols != self.num_params or rows != self.epochs + 1:
-                raise ExpertError(f"expert {index} has shape {[rows, cols]}, manifest says {[self.epochs + 1, self.num_params]}: damaged file")
+                raise ExpertError(
+                    f"{expert_path(self.folder, index)} holds a trajectory of shape {[rows, cols]} but "
+                    f"{self.folder / 'manifest.json'} says {[self.epochs + 1, self.num_params]} ({self.epochs} epochs of "
+                    f"model {self.model}): the file and the manifest come from different runs (another width, depth or "
+                    "--epochs); keep each experts folder's files together, or delete the file and rerun the original "
+                    "`mttlss experts` command to retrain it")
             return torch.stack([sl[e] for e in epochs])
 
     def trajectory(self, index: int) -> torch.Tensor:

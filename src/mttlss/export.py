@@ -115,9 +115,14 @@ def _export_ddranking(art: Artifact, out: Path, full_train_pre) -> list[Path]:
     return files
 
 
+_MAX_NAME_BYTES = 200  # file systems allow 255 bytes per name; room left for a "000_" prefix
+
+
 def _safe_dirname(name: str, index: int) -> str:
-    """Class names become folder names: keep them readable, but never a path separator or empty."""
+    """Class names become folder names: keep them readable, but never a path separator, empty, or longer than a
+    file system allows (a 300-character class name would fail with ENAMETOOLONG)."""
     cleaned = re.sub(r"[\\/\x00:]+", "_", str(name)).strip().strip(".")
+    cleaned = cleaned.encode("utf-8")[:_MAX_NAME_BYTES].decode("utf-8", errors="ignore").rstrip(". ")
     return cleaned or f"class_{index:03d}"
 
 

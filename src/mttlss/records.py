@@ -15,11 +15,13 @@ from typing import Any, Protocol
 from tqdm.auto import tqdm
 
 from mttlss.config import DistillConfig
+from mttlss.errors import UserError
+from mttlss.io_utils import append_text
 
 SCALARS = ("loss", "syn_lr", "max_start_epoch", "val_acc")  # what dashboards plot, when a record has it
 
 
-class SinkError(RuntimeError):
+class SinkError(UserError, RuntimeError):
     """A sink that cannot start; the message names the fix (usually an extra to install)."""
 
 
@@ -37,8 +39,7 @@ class JsonlSink:
         self.path = path
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        append_text(self.path, json.dumps(record) + "\n")
 
     def close(self) -> None:
         pass

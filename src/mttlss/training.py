@@ -18,9 +18,12 @@ from ``main``: every function here does one thing and knows nothing about artifa
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,9 +33,16 @@ from torch import Tensor, nn
 from mttlss.augment import DSAConfig, dsa
 from mttlss.config import CHOICES
 from mttlss.distributed import gather, init_distributed, map_in_processes, shard
+from mttlss.errors import UserError
+from mttlss.io_utils import atomic_write_json
 from mttlss.models import build_model, model_spec
 
 EPOCH_MODES = CHOICES["eval_epoch_mode"]
+
+
+class DivergedError(UserError, RuntimeError):
+    """A network's training loss became non-finite; the message names the learning rate to lower."""
+
 
 # --------------------------------------------------------------------------- the label loss
 
@@ -194,7 +204,7 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def _check_finite(loss: float, *, seed: int, epoch: int, recipe: EvalRecipe, lr: float) -> None:
     if not math.isfinite(loss):
-        raise RuntimeError(
+        raise DivergedError(
             f"non-finite training loss ({loss}) in evaluation run seed={seed}, epoch {epoch + 1}/"
             f"{recipe.epochs} at lr {lr:.4g}; try a lower lr "
             f"(recipe lr=..., e.g. get_recipe({recipe.name!r}, lr=0.01))"
@@ -254,19 +264,46 @@ def train_and_test(
 # --------------------------------------------------------------------------- several networks
 
 
+def _kept_file(keep: str | Path, seed: int) -> Path:
+    return Path(keep) / f"seed_{seed}.json"
+
+
 def _run_one(job: dict) -> dict:
-    """Module-level so ``map_in_processes`` can pickle it."""
-    return train_and_test(**job)
+    """Module-level so ``map_in_processes`` can pickle it. With ``job["keep"]`` (a folder), the finished
+    network's result is written there at once, so an interrupted evaluation loses only the networks in training."""
+    job = dict(job)
+    keep = job.pop("keep", None)
+    result = train_and_test(**job)
+    if keep is not None:
+        atomic_write_json(_kept_file(keep, result["seed"]), result)
+    return result
 
 
-def _run_seeds(jobs: list[dict], *, workers: int) -> list[dict]:
+def _load_kept(jobs: list[dict], keep: str | Path | None) -> dict[int, dict]:
+    """The results of the networks an earlier, interrupted run of the same evaluation finished, by seed."""
+    done = {}
+    for job in jobs if keep is not None else []:
+        path = _kept_file(keep, job["seed"])
+        try:
+            done[job["seed"]] = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):  # not there (or unreadable): that network is trained again
+            continue
+    return done
+
+
+def _run_seeds(jobs: list[dict], *, workers: int, keep: str | Path | None = None) -> list[dict]:
     info = init_distributed()
+    done = _load_kept(jobs, keep)
+    todo = [dict(job, keep=None if keep is None else str(keep)) for job in jobs if job["seed"] not in done]
+    if done and info.is_main:
+        print(f"evaluate: resuming: kept {len(done)} of {len(jobs)} finished networks (seeds {sorted(done)}) from "
+              f"{keep}; training the other {len(todo)}", file=sys.stderr)
     if info.world_size > 1:  # torchrun: each rank trains its share of the seeds on its own device
-        mine = [dict(job, device=info.device) for job in shard(jobs, info)]
+        mine = [dict(job, device=info.device) for job in shard(todo, info)]
         runs = [r for part in gather([_run_one(j) for j in mine], info) for r in part]
     else:
-        runs = map_in_processes(_run_one, jobs, workers=workers)
-    return sorted(runs, key=lambda r: r["seed"])
+        runs = map_in_processes(_run_one, todo, workers=workers)
+    return sorted([*done.values(), *runs], key=lambda r: r["seed"])
 
 
 def _mean_std(accs: list[float]) -> tuple[float, float]:
@@ -303,8 +340,12 @@ def evaluate_synthetic(
     workers: int = 1,
     ipc: int | None = None,  # storage budget per class; needed for epoch_mode="budget"
     eval_split: str = "test",  # recorded only: which split x_test/y_test really are ("val" for selection)
+    keep: str | Path | None = None,  # a folder: each finished network's result is kept there, and reused on a rerun
 ) -> dict:
-    """Train ``runs`` networks (seeds ``seed .. seed+runs-1``) on the synthetic set; per-seed and mean +- std."""
+    """Train ``runs`` networks (seeds ``seed .. seed+runs-1``) on the synthetic set; per-seed and mean +- std.
+
+    ``keep``: resumable. The caller names a folder that only this evaluation (same images, targets, test data,
+    recipe, model, device) writes to; a rerun trains only the seeds without a result there."""
     recipe = _require_recipe(recipe)
     lr_source = "recipe" if recipe.lr is not None else "given"
     lr = check_lr(recipe.lr if recipe.lr is not None else (lr if lr is not None else float("nan")),
@@ -318,7 +359,7 @@ def evaluate_synthetic(
     jobs = [dict(x_train=images, targets=targets, x_test=x_test, y_test=y_test, model_spec=spec,
                  num_classes=num_classes, recipe=recipe, lr=lr, seed=seed + i, device=device,
                  steps_per_epoch=steps_per_epoch) for i in range(runs)]
-    per_run = _run_seeds(jobs, workers=workers)
+    per_run = _run_seeds(jobs, workers=workers, keep=keep)
     accs = [r["test_acc"] for r in per_run]
     mean, std = _mean_std(accs)
     return {
