@@ -45,7 +45,7 @@ from mttlss.export import FORMATS, export
 from mttlss.io_utils import atomic_write_json
 from mttlss.models import model_spec
 from mttlss.parameterization import budget_report
-from mttlss.preprocessing import Preprocessor
+from mttlss.preprocessing import CONVENTIONS, Preprocessor
 from mttlss.quickstart import quickstart
 from mttlss.runtime import tune_allocator
 
@@ -63,26 +63,35 @@ def cmd_experts(args) -> int:
     cfg = ExpertConfig(dataset=args.dataset, data_root=args.data_root, model=_model_spec(args), num_experts=args.num_experts,
                        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, preprocess="zca" if args.zca else "normalize",
                        dsa=not args.no_dsa, seed=args.seed, channels_last=args.fast, bf16=args.fast or args.bf16,
-                       compile=args.fast or args.compile, device=args.device)
+                       compile=args.fast or args.compile, device=args.device, **_normalization_args(args))
     experts = train_experts(cfg, args.out, workers=args.workers)
     if init_distributed().is_main:  # under torchrun, one rank reports
+        print(f"preprocessing: {experts.preprocessor().describe()}")
         _print_expert_validity(experts)
     return 0
 
 
 def cmd_experts_import(args) -> int:
     cfg = ExpertConfig(dataset=args.dataset, data_root=args.data_root, model=_model_spec(args),
-                       preprocess="zca" if args.zca else "normalize", val_fraction=args.val_fraction)
-    experts = import_reference(args.paths, args.out, cfg=cfg)
+                       preprocess="zca" if args.zca else "normalize", val_fraction=args.val_fraction, device=args.device,
+                       **_normalization_args(args))
+    experts = import_reference(args.paths, args.out, cfg=cfg, check_images=args.check_images)
     print(f"imported {len(experts.indices)} experts x {experts.epochs} epochs into {experts.folder}")
+    print(f"preprocessing: {experts.preprocessor().describe()}")
+    _print_expert_validity(experts)
     return 0
 
 
+def _normalization_args(args) -> dict:
+    """ExpertConfig's normalisation keywords from --normalization / --mean / --std (comma-separated floats)."""
+    def floats(text):
+        return None if text is None else tuple(float(v) for v in text.split(","))
+    return {"normalization": args.normalization, "mean": floats(args.mean), "std": floats(args.std)}
+
+
 def _print_expert_validity(experts) -> None:
-    rows = experts.validity()
-    for r in rows:
-        flag = "" if r["loss_decreased"] else "  <- training loss did not decrease"
-        print(f"expert {r['index']:3d}: final val acc {r['final_val_acc']:.4f}  train loss {r['final_train_loss']:.4f}{flag}")
+    for line in experts.report_lines():
+        print(line)
 
 
 def cmd_budget(args) -> int:
@@ -213,6 +222,14 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default=None, help="where torchvision datasets are read from (or downloaded to)")
 
 
+def _add_normalization_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--normalization", default=None, choices=CONVENTIONS,
+                   help="mean/std convention: the field's constants of a dataset (e.g. cifar10 for an npz copy of "
+                        "CIFAR-10), or computed from this copy; default: the dataset's own constants when it has them")
+    p.add_argument("--mean", default=None, metavar="M1,M2,M3", help="explicit per-channel mean (with --std)")
+    p.add_argument("--std", default=None, metavar="S1,S2,S3", help="explicit per-channel std (with --mean)")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="convnet", help="network name (convnet, convnet_d4, ...)")
     p.add_argument("--width", type=int, default=None)
@@ -235,6 +252,7 @@ def _parser_experts(sub) -> None:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--zca", action="store_true", help="ZCA whitening (eps 0.1) instead of mean/std normalisation")
+    _add_normalization_args(p)
     p.add_argument("--no-dsa", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="train experts in this many processes")
@@ -251,9 +269,14 @@ def _parser_experts_import(sub) -> None:
     p.add_argument("paths", nargs="+")
     _add_data_args(p)
     _add_model_args(p)
-    p.add_argument("--zca", action="store_true")
+    p.add_argument("--zca", action="store_true", help="the buffers' experts saw ZCA-whitened inputs (kornia-style, "
+                   "eps 0.1, fitted on the full training split as the reference does)")
+    _add_normalization_args(p)
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="reference experts were trained on the full training split; 0 keeps that honest")
+    p.add_argument("--check-images", type=int, default=5000,
+                   help="held-out images each expert's first and last stored epoch are checked on (0: no check)")
+    p.add_argument("--device", default=None)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_experts_import)
 
