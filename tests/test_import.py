@@ -103,3 +103,17 @@ def test_cli_import_and_info_report_instead_of_nan(reference, tmp_path, capsys):
     assert cli.main(["info", str(out)]) == 0
     info = capsys.readouterr().out
     assert "no training record" in info and "nan" not in info
+
+
+def test_an_npz_copy_of_cifar10_can_use_the_field_constants_end_to_end(reference, tmp_path, capsys):
+    """Experts, random baseline and DD-Ranking export of an npz copy agree with the field's CIFAR-10 constants."""
+    ds = reference["dataset"]
+    code = cli.main(["experts", "--dataset", ds, "--normalization", "cifar10", "--num-experts", "1", "--epochs", "1",
+                     "--width", "16", "--depth", "2", "--no-dsa", "--batch-size", "64", "--out", str(tmp_path / "ex")])
+    assert code == 0
+    assert "with the field's cifar10 constants: mean (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010)" in capsys.readouterr().out
+    art = tmp_path / "random.safetensors"
+    assert cli.main(["random", "--dataset", ds, "--ipc", "1", "--normalization", "cifar10", "--out", str(art)]) == 0
+    assert cli.main(["export", str(art), "--format", "ddranking", "--out", str(tmp_path / "dd")]) == 0
+    side = json.loads((tmp_path / "dd" / "export.json").read_text())
+    assert side["ddranking_dataset"] == "cifar10" and side["renormalized"] is False

@@ -135,7 +135,8 @@ def _evaluate_full_data(args) -> dict:
     if not args.dataset:
         raise SystemExit("--full-data needs --dataset")
     data = load_dataset(args.dataset, data_root=args.data_root)
-    pre = Preprocessor.fit("zca" if args.zca else "normalize", data.x_train, dataset=args.dataset)
+    pre = Preprocessor.fit("zca" if args.zca else "normalize", data.x_train, dataset=args.dataset,
+                           normalization=args.normalization)
     epochs = args.epochs or 50
     recipe = get_recipe("full-30", name=f"full-{epochs}", epochs=epochs, lr=args.lr or 0.01)
     return evaluate_full_data(data, preprocessor=pre, model_spec=model_spec(args.model or "convnet"), recipe=recipe,
@@ -159,7 +160,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_random(args) -> int:
     path = random_real_artifact(dataset=args.dataset, data_root=args.data_root, ipc=args.ipc, out=args.out,
-                                experts=args.experts, seed=args.seed, zca=args.zca)
+                                experts=args.experts, seed=args.seed, zca=args.zca, normalization=args.normalization)
     print(f"wrote {path}")
     return 0
 
@@ -186,7 +187,8 @@ def cmd_export(args) -> int:
         ds = read_manifest(args.artifact)["dataset"]
         data = load_dataset(ds["name"], data_root=args.data_root or ds.get("data_root"), val_fraction=0.0)
         full_train_zca = Preprocessor.fit("zca", data.x_train, dataset=ds["name"], fitted_on="full-train")
-    for p in export(args.artifact, fmt=args.format, out_dir=args.out, full_train_preprocessor=full_train_zca):
+    for p in export(args.artifact, fmt=args.format, out_dir=args.out, full_train_preprocessor=full_train_zca,
+                    as_dataset=args.as_dataset):
         print(p)
     return 0
 
@@ -315,6 +317,7 @@ def _parser_evaluate(sub) -> None:
     p.add_argument("--dataset", default=None)
     p.add_argument("--data-root", default=None)
     p.add_argument("--zca", action="store_true", help="with --full-data")
+    p.add_argument("--normalization", default=None, choices=CONVENTIONS, help="with --full-data: mean/std convention")
     p.add_argument("--model", default=None, help="default: the artifact's architecture")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--recipe", default="mtt-1000")
@@ -335,6 +338,8 @@ def _parser_random(sub) -> None:
     p.add_argument("--ipc", type=int, required=True)
     p.add_argument("--experts", default=None, help="reuse this experts folder's split, preprocessing and model")
     p.add_argument("--zca", action="store_true")
+    p.add_argument("--normalization", default=None, choices=CONVENTIONS,
+                   help="without --experts: mean/std convention (e.g. cifar10 for an npz copy of CIFAR-10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_random)
@@ -352,6 +357,9 @@ def _parser_export(sub) -> None:
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--full-train-zca", action="store_true",
                    help="ddranking, ZCA artifacts: re-whiten with a ZCA fitted on the full training split, as DD-Ranking does")
+    p.add_argument("--as-dataset", default=None, choices=("cifar10", "cifar100"),
+                   help="ddranking, mean/std artifacts of an npz:/folder: copy: re-normalise to DD-Ranking's constants "
+                        "for this dataset (artifacts that recorded a convention or a CIFAR name need no flag)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
