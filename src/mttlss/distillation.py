@@ -44,7 +44,7 @@ from mttlss.matching import (
 from mttlss.models import ParamLayout, build_model, has_buffers
 from mttlss.parameterization import SyntheticSet, build_synthetic_set
 from mttlss.preprocessing import Preprocessor
-from mttlss.records import open_sinks
+from mttlss.records import open_sinks, require_extras
 from mttlss.runtime import available_memory_bytes
 from mttlss.training import EvalRecipe, evaluate_synthetic, label_loss, soft_targets
 
@@ -125,6 +125,7 @@ def _setup(config: DistillConfig, *, experts: str | Path | ExpertSet, out: str |
            data: RealData | None) -> tuple[_Run, dict]:
     """The run's fixed parts, and what was chosen for the user on the way (batch_syn when unset)."""
     cfg = config.validate()
+    require_extras(cfg)  # a missing extra (wandb) fails here, not after the initialisation
     experts = experts if isinstance(experts, ExpertSet) else ExpertSet(experts)
     _check_segments(cfg, experts)
     chosen: dict[str, Any] = {}
@@ -607,15 +608,19 @@ def _truncate_log(path: Path, iteration: int) -> list[dict]:
     return records
 
 
-def _save_if_due(run: _Run, state: DistillState, *, stop_at: int, description: dict, info: dict) -> None:
-    """Grids every grid_every iterations; the resume checkpoint every checkpoint_every and where this call stops."""
+def _save_if_due(run: _Run, state: DistillState, *, stop_at: int, description: dict, info: dict) -> Path | None:
+    """Grids every grid_every iterations; the resume checkpoint every checkpoint_every and where this call stops.
+    Returns the grid drawn now, if one was."""
     cfg = run.cfg
     if run.out is None or not run.is_main:
-        return
+        return None
+    grid = None
     if cfg.grid_every and state.iteration % cfg.grid_every == 0:
-        _save_grid(run.out / "grids" / f"iter_{state.iteration:06d}.png", syn=state.synthetic, pre=run.pre, data=run.data)
+        grid = run.out / "grids" / f"iter_{state.iteration:06d}.png"
+        _save_grid(grid, syn=state.synthetic, pre=run.pre, data=run.data)
     if state.iteration % cfg.checkpoint_every == 0 or state.iteration == stop_at:
         save_checkpoint(run.out, cfg=cfg, state=state, description=description, info=info, experts=run.experts)
+    return grid if grid is not None and grid.exists() else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -639,7 +644,7 @@ def distill(config: DistillConfig, *, experts: str | Path | ExpertSet, out: str 
     description = state.synthetic.describe()
     history = _truncate_log(out / LOG, state.iteration) if out is not None else []
     sinks = open_sinks(cfg, out=out, log=out / LOG if out is not None else None, progress=progress and run.is_main,
-                       initial=state.iteration)
+                       initial=state.iteration, main=run.is_main)
     if out is not None and not resumed:
         out.mkdir(parents=True, exist_ok=True)
         save_checkpoint(out, cfg=cfg, state=state, description=description, info=info, experts=run.experts)
@@ -651,8 +656,10 @@ def distill(config: DistillConfig, *, experts: str | Path | ExpertSet, out: str 
             record = _timed_step(run, state)          # one outer iteration; state.iteration moves on by one
             _validate_if_due(run, state, record)      # adds val_acc and keeps the best set, when due
             history.append(record)
-            sinks.write(record)                       # log.jsonl, progress bar, TensorBoard
-            _save_if_due(run, state, stop_at=stop_at, description=description, info=info)
+            sinks.write(record)                       # log.jsonl, progress bar, TensorBoard, wandb
+            grid = _save_if_due(run, state, stop_at=stop_at, description=description, info=info)
+            if grid is not None:
+                sinks.picture("grid", grid, state.iteration)
     finally:
         sinks.close()
     return _finish(run, state, description=description, info=info, history=history,
