@@ -172,7 +172,7 @@ def test_checkpoint_memory_mode_distills_the_same_set_as_full_mode(experts, tmp_
         assert torch.allclose(value, ckpt.synthetic.state_dict()[key], rtol=1e-3, atol=1e-5), key
     assert torch.allclose(full.labels, ckpt.labels, rtol=1e-3, atol=1e-5)
     assert full.syn_lr == pytest.approx(ckpt.syn_lr, rel=1e-4)
-    assert full.init_info["memory"] == {"mode": "full", "why": "memory=full was set"}
+    assert {k: full.init_info["memory"][k] for k in ("mode", "why")} == {"mode": "full", "why": "memory=full was set"}
     assert ckpt.init_info["memory"]["mode"] == "checkpoint"
     # the artifact says how it was made
     assert mttlss.load(ckpt.artifact).manifest["init"]["memory"]["mode"] == "checkpoint"
@@ -188,9 +188,36 @@ def test_auto_memory_mode_measures_the_graph_and_says_what_it_chose(experts, mon
     assert r.init_info["memory"]["mode"] == "full"  # a tiny graph fits
     assert "memory=auto chose full" in r.init_info["memory"]["why"]
     monkeypatch.setattr(distillation, "available_memory_bytes", lambda device: 1000)  # 1 kB free
-    r = distill(tiny(iterations=1, select_on="none"), experts=experts, out=None, progress=False)
+    r = distill(tiny(iterations=1, select_on="none", force=True), experts=experts, out=None, progress=False)
     assert r.init_info["memory"]["mode"] == "checkpoint"
-    assert "GiB of graph" in r.init_info["memory"]["why"]
+    assert "GiB of graph" in r.init_info["memory"]["why"] and "force=true: started although" in r.init_info["memory"]["why"]
+
+
+def test_a_run_that_cannot_fit_is_refused_before_iteration_0_naming_the_knobs(experts, monkeypatch, tmp_path):
+    import mttlss.distillation as distillation
+
+    r = distill(tiny(iterations=0, select_on="none", memory="full"), experts=experts, out=None, progress=False)
+    est = r.init_info["memory"]["estimate"]
+    # full mode keeps every step's graph, checkpoint mode about two of them plus theta_n per step
+    assert est["full"] == pytest.approx(1.2 * 5 * est["graph_per_step"])
+    assert est["checkpoint"] < est["full"] and est["data"] > 0
+    monkeypatch.setattr(distillation, "available_memory_bytes", lambda device: int(est["checkpoint"] * 1.1))
+    r = distill(tiny(iterations=1, select_on="none"), experts=experts, out=None, progress=False)
+    assert r.init_info["memory"]["mode"] == "checkpoint"  # auto falls back to the mode that fits
+    with pytest.raises(DistillError) as info:
+        distill(tiny(iterations=1, memory="full"), experts=experts, out=tmp_path / "run", progress=False)
+    for knob in ("memory=full", "syn_steps=5", "batch_syn=10", "device cpu", "force=true"):
+        assert knob in str(info.value), knob
+    assert not (tmp_path / "run" / "log.jsonl").exists()  # refused before the first iteration
+
+
+def test_unset_batch_syn_costs_what_the_pixel_set_of_the_budget_would(experts):
+    r = distill(tiny(iterations=1, select_on="none"), experts=experts, out=None, progress=False)
+    assert r.synthetic.num_images > 10  # the decoded low-rank set is larger than the budget's pixel set...
+    assert r.init_info["batch_syn"]["value"] == 10  # ...but each inner step takes IPC x classes = 1 x 10 images
+    assert "IPC 1 x 10 classes" in r.init_info["batch_syn"]["why"]
+    r = distill(tiny(iterations=1, select_on="none", batch_syn=4), experts=experts, out=None, progress=False)
+    assert "batch_syn" not in r.init_info
 
 
 def test_memory_mode_can_change_on_resume_but_precision_cannot(experts, tmp_path):

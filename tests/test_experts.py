@@ -127,7 +127,7 @@ def test_import_reference_buffer(tmp_path):
     buf = _reference_buffer(model)
     torch.save(buf, tmp_path / "replay_buffer_0.pt")
     ex = import_reference([tmp_path / "replay_buffer_0.pt"], tmp_path / "imported",
-                          cfg=ExpertConfig(dataset="digits", model=spec, val_fraction=0.0))
+                          cfg=ExpertConfig(dataset="digits", model=spec, val_fraction=0.0, normalization="computed"))
     assert ex.indices == [0, 1] and ex.epochs == 2
     for k in range(2):
         expected = torch.stack([torch.cat([t.reshape(-1) for t in epoch]) for epoch in buf[k]])
@@ -140,4 +140,5 @@ def test_import_rejects_wrong_shapes(tmp_path):
     torch.save(buf, tmp_path / "replay_buffer_0.pt")
     with pytest.raises(ExpertError, match="do not match the model"):
         import_reference([tmp_path / "replay_buffer_0.pt"], tmp_path / "imported",
-                         cfg=ExpertConfig(dataset="digits", model=model_spec("convnet", width=16, depth=2), val_fraction=0.0))
+                         cfg=ExpertConfig(dataset="digits", model=model_spec("convnet", width=16, depth=2), val_fraction=0.0,
+                                          normalization="computed"))

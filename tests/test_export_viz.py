@@ -172,3 +172,31 @@ def test_plot_curves(tmp_path):
     bad.write_text(lines[0] + "\n{\"iteration\": 1, \"lo")
     with pytest.raises(ValueError, match="bad.jsonl:2"):
         plot_curves(bad, tmp_path / "x.png")
+
+
+def test_ddranking_renormalises_mean_std_images_to_its_cifar_constants(tmp_path):
+    from mttlss.export import DDRANKING_NORMALIZATION
+
+    art, _ = _artifact(tmp_path, kind="normalize")  # "toy": mean/std computed from the images
+    export(art, fmt="ddranking", out_dir=tmp_path / "plain")
+    side = json.loads((tmp_path / "plain" / "export.json").read_text())
+    assert side["ddranking_dataset"] is None and side["renormalized"] is False and "--as-dataset" in side["space_note"]
+    assert torch.equal(torch.load(tmp_path / "plain" / "images.pt", weights_only=True), art.images())
+
+    export(art, fmt="ddranking", out_dir=tmp_path / "c10", as_dataset="cifar10")
+    images = torch.load(tmp_path / "c10" / "images.pt", weights_only=True)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in DDRANKING_NORMALIZATION["cifar10"])
+    assert torch.allclose(images * std + mean, art.images_pixels(), atol=1e-5)  # the same pixels, DD-Ranking's constants
+    assert not torch.allclose(images, art.images(), atol=1e-3)
+    assert json.loads((tmp_path / "c10" / "export.json").read_text())["renormalized"] is True
+
+    # an artifact that recorded the field's convention is already in DD-Ranking's space
+    pre = Preprocessor.fit("normalize", _real(0)[0], dataset="npz:/x/cifar10.npz", normalization="cifar10")
+    x, y = _real(0)
+    syn = PixelSet.from_real(pre(x), y, num_classes=NUM_CLASSES, images_per_class=2, generator=torch.Generator().manual_seed(1))
+    path = save_artifact(tmp_path / "conv.safetensors", synthetic=syn, labels=syn.labels_hard(), lr=0.02, preprocessor=pre,
+                         dataset={"name": "npz:/x/cifar10.npz", "class_names": NAMES}, ipc=2)
+    export(str(path), fmt="ddranking", out_dir=tmp_path / "conv")
+    side = json.loads((tmp_path / "conv" / "export.json").read_text())
+    assert side["ddranking_dataset"] == "cifar10" and side["renormalized"] is False
+    assert torch.equal(torch.load(tmp_path / "conv" / "images.pt", weights_only=True), load(path).images())

@@ -33,7 +33,7 @@ def _check_same_dataset(dataset: str | None, experts: ExpertSet) -> None:
 
 def random_real_artifact(*, dataset: str, ipc: int, out: str | Path, data_root: str | None = None,
                          experts: str | Path | None = None, seed: int = 0, zca: bool = False,
-                         data: RealData | None = None) -> Path:
+                         data: RealData | None = None, normalization: str | None = None) -> Path:
     """Write an artifact of random real images; with ``experts``, reuse their split, preprocessing and model
     so the baseline is evaluated exactly like the distilled sets."""
     if experts is not None:
@@ -44,7 +44,7 @@ def random_real_artifact(*, dataset: str, ipc: int, out: str | Path, data_root: 
         pre, spec = ex.preprocessor(), ex.model
     else:
         data = data or load_dataset(dataset, data_root=data_root)
-        pre = Preprocessor.fit("zca" if zca else "normalize", data.x_train, dataset=dataset)
+        pre = Preprocessor.fit("zca" if zca else "normalize", data.x_train, dataset=dataset, normalization=normalization)
         spec = make_model_spec("convnet")
     syn = random_real_set(data, pre, ipc=ipc, seed=seed)
     return save_artifact(out, synthetic=syn, labels=syn.labels_hard(), lr=RANDOM_LR, preprocessor=pre,

@@ -58,7 +58,7 @@ from mttlss.export import FORMATS, export
 from mttlss.io_utils import atomic_write_json
 from mttlss.models import model_spec
 from mttlss.parameterization import budget_report
-from mttlss.preprocessing import Preprocessor
+from mttlss.preprocessing import CONVENTIONS, Preprocessor
 from mttlss.quickstart import quickstart
 from mttlss.runtime import tune_allocator
 
@@ -92,26 +92,35 @@ def cmd_experts(args) -> int:
     cfg = ExpertConfig(dataset=args.dataset, data_root=args.data_root, model=_model_spec(args), num_experts=args.num_experts,
                        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, preprocess="zca" if args.zca else "normalize",
                        dsa=not args.no_dsa, seed=args.seed, channels_last=args.fast, bf16=args.fast or args.bf16,
-                       compile=args.fast or args.compile, device=args.device)
+                       compile=args.fast or args.compile, device=args.device, **_normalization_args(args))
     experts = train_experts(cfg, _out_folder(args.out), workers=args.workers)
     if init_distributed().is_main:  # under torchrun, one rank reports
+        print(f"preprocessing: {experts.preprocessor().describe()}")
         _print_expert_validity(experts)
     return 0
 
 
 def cmd_experts_import(args) -> int:
     cfg = ExpertConfig(dataset=args.dataset, data_root=args.data_root, model=_model_spec(args),
-                       preprocess="zca" if args.zca else "normalize", val_fraction=args.val_fraction)
-    experts = import_reference(args.paths, _out_folder(args.out), cfg=cfg)
+                       preprocess="zca" if args.zca else "normalize", val_fraction=args.val_fraction, device=args.device,
+                       **_normalization_args(args))
+    experts = import_reference(args.paths, _out_folder(args.out), cfg=cfg, check_images=args.check_images)
     print(f"imported {len(experts.indices)} experts x {experts.epochs} epochs into {experts.folder}")
+    print(f"preprocessing: {experts.preprocessor().describe()}")
+    _print_expert_validity(experts)
     return 0
 
 
+def _normalization_args(args) -> dict:
+    """ExpertConfig's normalisation keywords from --normalization / --mean / --std (comma-separated floats)."""
+    def floats(text):
+        return None if text is None else tuple(float(v) for v in text.split(","))
+    return {"normalization": args.normalization, "mean": floats(args.mean), "std": floats(args.std)}
+
+
 def _print_expert_validity(experts) -> None:
-    rows = experts.validity()
-    for r in rows:
-        flag = "" if r["loss_decreased"] else "  <- training loss did not decrease"
-        print(f"expert {r['index']:3d}: final val acc {r['final_val_acc']:.4f}  train loss {r['final_train_loss']:.4f}{flag}")
+    for line in experts.report_lines():
+        print(line)
 
 
 def cmd_budget(args) -> int:
@@ -155,7 +164,8 @@ def _evaluate_full_data(args) -> dict:
     if not args.dataset:
         raise UserError("--full-data needs --dataset D (the real data to train on), e.g. --dataset digits")
     data = load_dataset(args.dataset, data_root=args.data_root)
-    pre = Preprocessor.fit("zca" if args.zca else "normalize", data.x_train, dataset=args.dataset)
+    pre = Preprocessor.fit("zca" if args.zca else "normalize", data.x_train, dataset=args.dataset,
+                           normalization=args.normalization)
     epochs = args.epochs or 50
     recipe = get_recipe("full-30", name=f"full-{epochs}", epochs=epochs, lr=args.lr or 0.01)
     return evaluate_full_data(data, preprocessor=pre, model_spec=model_spec(args.model or "convnet"), recipe=recipe,
@@ -182,7 +192,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_random(args) -> int:
     path = random_real_artifact(dataset=args.dataset, data_root=args.data_root, ipc=args.ipc, out=_out_file(args.out),
-                                experts=args.experts, seed=args.seed, zca=args.zca)
+                                experts=args.experts, seed=args.seed, zca=args.zca, normalization=args.normalization)
     print(f"wrote {path}")
     return 0
 
@@ -209,7 +219,8 @@ def cmd_export(args) -> int:
         data = load_for_artifact(read_manifest(args.artifact)["dataset"], dataset=args.dataset, data_root=args.data_root,
                                  source=args.artifact, val_fraction=0.0)
         full_train_zca = Preprocessor.fit("zca", data.x_train, dataset=data.name, fitted_on="full-train")
-    for p in export(args.artifact, fmt=args.format, out_dir=_out_folder(args.out), full_train_preprocessor=full_train_zca):
+    for p in export(args.artifact, fmt=args.format, out_dir=_out_folder(args.out), full_train_preprocessor=full_train_zca,
+                    as_dataset=args.as_dataset):
         print(p)
     return 0
 
@@ -245,6 +256,14 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default=None, help="where torchvision datasets are read from (or downloaded to)")
 
 
+def _add_normalization_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--normalization", default=None, choices=CONVENTIONS,
+                   help="mean/std convention: the field's constants of a dataset (e.g. cifar10 for an npz copy of "
+                        "CIFAR-10), or computed from this copy; default: the dataset's own constants when it has them")
+    p.add_argument("--mean", default=None, metavar="M1,M2,M3", help="explicit per-channel mean (with --std)")
+    p.add_argument("--std", default=None, metavar="S1,S2,S3", help="explicit per-channel std (with --mean)")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="convnet", help="network name (convnet, convnet_d4, ...)")
     p.add_argument("--width", type=int, default=None)
@@ -267,6 +286,7 @@ def _parser_experts(sub) -> None:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--zca", action="store_true", help="ZCA whitening (eps 0.1) instead of mean/std normalisation")
+    _add_normalization_args(p)
     p.add_argument("--no-dsa", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="train experts in this many processes")
@@ -283,9 +303,14 @@ def _parser_experts_import(sub) -> None:
     p.add_argument("paths", nargs="+")
     _add_data_args(p)
     _add_model_args(p)
-    p.add_argument("--zca", action="store_true")
+    p.add_argument("--zca", action="store_true", help="the buffers' experts saw ZCA-whitened inputs (kornia-style, "
+                   "eps 0.1, fitted on the full training split as the reference does)")
+    _add_normalization_args(p)
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="reference experts were trained on the full training split; 0 keeps that honest")
+    p.add_argument("--check-images", type=int, default=5000,
+                   help="held-out images each expert's first and last stored epoch are checked on (0: no check)")
+    p.add_argument("--device", default=None)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_experts_import)
 
@@ -325,6 +350,7 @@ def _parser_evaluate(sub) -> None:
                    "no path (digits, or a torchvision set under --data-root / $MTTLSS_DATA): npz:/folder: must be named")
     p.add_argument("--data-root", default=None, help="where torchvision datasets are read from (or downloaded to)")
     p.add_argument("--zca", action="store_true", help="with --full-data")
+    p.add_argument("--normalization", default=None, choices=CONVENTIONS, help="with --full-data: mean/std convention")
     p.add_argument("--model", default=None, help="default: the artifact's architecture")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--recipe", default="mtt-1000")
@@ -347,6 +373,8 @@ def _parser_random(sub) -> None:
     p.add_argument("--ipc", type=int, required=True)
     p.add_argument("--experts", default=None, help="reuse this experts folder's split, preprocessing and model")
     p.add_argument("--zca", action="store_true")
+    p.add_argument("--normalization", default=None, choices=CONVENTIONS,
+                   help="without --experts: mean/std convention (e.g. cifar10 for an npz copy of CIFAR-10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_random)
@@ -367,6 +395,9 @@ def _parser_export(sub) -> None:
     p.add_argument("--dataset", default=None, help="with --full-train-zca: the training data (default: the artifact's, "
                    "read only when it needs no path; npz:/folder: must be named)")
     p.add_argument("--data-root", default=None, help="with --full-train-zca: where torchvision datasets are read from")
+    p.add_argument("--as-dataset", default=None, choices=("cifar10", "cifar100"),
+                   help="ddranking, mean/std artifacts of an npz:/folder: copy: re-normalise to DD-Ranking's constants "
+                        "for this dataset (artifacts that recorded a convention or a CIFAR name need no flag)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
 

@@ -70,7 +70,8 @@ class DistillConfig:
     max_start_epoch: int = 20         # T+
     expansion_end_epoch: int = 1000   # E_exp: outer iterations over which U grows from T_cur to T+
     progressive: bool = True          # False: plain MTT window [T-, T+)
-    batch_syn: int | None = None      # b: synthetic images per inner step (None: the whole set)
+    batch_syn: int | None = None      # b: synthetic images per inner step (None: IPC x classes, what one step over the
+                                      # pixel set of the same budget costs; the run logs the choice)
     lr_teacher: float = 0.01          # alpha_0: initial learnable step size (NOT the expert lr)
     lr_lr: float = 1e-5               # eta_alpha
     alpha_min: float = 1e-3           # floor on alpha after each step (FreD/HaBa clamp); keeps it positive
@@ -102,6 +103,8 @@ class DistillConfig:
     select_on: str = "val"            # "val": keep the synthetic set with the best validation accuracy | "none": the last
     device: str | None = None         # None: cuda when present, else cpu
     tensorboard: bool = False         # also log to TensorBoard (needs the `tensorboard` extra)
+    wandb: bool = False               # also log to Weights & Biases (needs the `wandb` extra; offline without an account)
+    force: bool = False               # start even when the memory estimate says the run does not fit
     stop_after: int | None = None     # stop (with a checkpoint) after this many iterations of this call; rerun to resume
 
     def validate(self) -> "DistillConfig":

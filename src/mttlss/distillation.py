@@ -45,7 +45,7 @@ from mttlss.matching import (
 from mttlss.models import ParamLayout, build_model, has_buffers
 from mttlss.parameterization import SyntheticSet, build_synthetic_set
 from mttlss.preprocessing import Preprocessor
-from mttlss.records import open_sinks
+from mttlss.records import open_sinks, require_extras
 from mttlss.runtime import available_memory_bytes
 from mttlss.training import EvalRecipe, evaluate_synthetic, label_loss, soft_targets
 
@@ -54,7 +54,8 @@ LOG = "log.jsonl"
 ARTIFACT = "synthetic.safetensors"
 # knobs to settle before resuming a run: everything that changes what an iteration computes
 # (memory is not among them: both modes compute the same gradients)
-_RESUMABLE_CHANGES = {"iterations", "stop_after", "device", "tensorboard", "checkpoint_every", "grid_every", "memory"}
+_RESUMABLE_CHANGES = {"iterations", "stop_after", "device", "tensorboard", "wandb", "checkpoint_every", "grid_every", "memory",
+                      "force"}
 # knobs that only shape iteration 0 (the labels' start): a checkpoint written before they existed is past its start,
 # so their values are not compared with it; any other knob it lacks compares as its default (the older behaviour)
 _START_ONLY = {"labels", "label_init", "label_temperature", "label_confidence"}
@@ -122,10 +123,16 @@ def _check_segments(cfg: DistillConfig, experts: ExpertSet) -> None:
 
 
 def _setup(config: DistillConfig, *, experts: str | Path | ExpertSet, out: str | Path | None,
-           data: RealData | None) -> _Run:
+           data: RealData | None) -> tuple[_Run, dict]:
+    """The run's fixed parts, and what was chosen for the user on the way (batch_syn when unset)."""
     cfg = config.validate()
+    require_extras(cfg)  # a missing extra (wandb) fails here, not after the initialisation
     experts = experts if isinstance(experts, ExpertSet) else ExpertSet(experts)
     _check_segments(cfg, experts)
+    chosen: dict[str, Any] = {}
+    if cfg.batch_syn is None:
+        b, why = default_batch_syn(cfg, int(experts.dataset["num_classes"]))
+        cfg, chosen["batch_syn"] = replace(cfg, batch_syn=b), {"value": b, "why": why}
     dist = init_distributed(cfg.device)  # one process, or this torchrun rank (and its GPU)
     device = dist.device
     if cfg.batch_syn is not None and cfg.batch_syn < dist.world_size:
@@ -140,7 +147,7 @@ def _setup(config: DistillConfig, *, experts: str | Path | ExpertSet, out: str |
                            "network such as convnet with instancenorm")
     return _Run(cfg=cfg, experts=experts, data=data, pre=pre, model=model, layout=layout, device=device,
                 x_val=pre(data.x_val.to(device)), dsa_config=DSAConfig(strategy=cfg.dsa_strategy) if cfg.dsa else None,
-                out=Path(out) if out is not None else None, is_main=dist.is_main)
+                out=Path(out) if out is not None else None, is_main=dist.is_main), chosen
 
 
 def _optimizers(cfg: DistillConfig, *, syn: SyntheticSet, label_logits: torch.Tensor | None,
@@ -295,14 +302,24 @@ def _start(run: _Run) -> tuple[DistillState, dict, bool]:
 # full mode's graph per inner step, times this, is what its peak measured (0.32 GiB measured against 0.28 GiB
 # of saved tensors per step of 100 CIFAR images, width 128: benchmarks/results/speed_cpu_*.json)
 _ALLOCATOR_OVERHEAD = 1.2
+# checkpoint mode holds one step's graph twice over while it replays it (the step and its double backward):
+# 2.04 GiB peak RSS against 4.58 GiB for full mode's 10 steps of 100 images (benchmarks/results/speed_cpu_memory_*)
+_CHECKPOINT_GRAPHS = 2.0
+_GIB = 2**30
 
 
-def choose_memory(run: _Run, state: DistillState) -> tuple[str, str]:
-    """The memory mode for this run and why: the configured one, or for "auto" full mode when its graph (measured
-    on one inner step, times syn_steps) fits half of the memory still available, else checkpoint."""
+def default_batch_syn(cfg: DistillConfig, num_classes: int) -> tuple[int, str]:
+    """b when batch_syn is unset: IPC x classes images, what one inner step over the pixel set of the same budget
+    costs (the pixel set's whole set, as MTT uses), never the whole decoded low-rank set by accident."""
+    b = cfg.ipc * num_classes
+    return b, (f"batch_syn unset: {b} images per inner step (IPC {cfg.ipc} x {num_classes} classes), the cost of one "
+               f"step over the pixel set of the same budget; --set batch_syn=N to change it")
+
+
+def memory_estimate(run: _Run, state: DistillState) -> dict[str, float]:
+    """Bytes the unroll will add at its peak in each memory mode (measured on one inner step of this run's batch
+    size), and the real data the run keeps (already resident): {"full", "checkpoint", "graph_per_step", "data"}."""
     cfg = run.cfg
-    if cfg.memory != "auto":
-        return cfg.memory, f"memory={cfg.memory} was set"
     n = state.synthetic.num_images
     gen = iteration_generator(cfg.seed, -1)  # a probe of its own: no iteration's draws are used up
     steps = InnerSteps(model=run.model, layout=run.layout, decode=lambda idx: state.synthetic.decode(idx.to(run.device)),
@@ -310,14 +327,42 @@ def choose_memory(run: _Run, state: DistillState) -> tuple[str, str]:
                        batches=batch_schedule(n, min(cfg.batch_syn or n, n), 1, gen), dsa_config=run.dsa_config,
                        generator=gen, precision=cfg.precision)
     start = run.experts.checkpoints(run.experts.indices[0], [0])[0].to(run.device)
-    need = _ALLOCATOR_OVERHEAD * cfg.syn_steps * graph_bytes_per_step(steps, start)
+    per_step = graph_bytes_per_step(steps, start)
+    thetas = cfg.syn_steps * start.numel() * start.element_size()  # checkpoint mode's theta_n block [N, P]
+    data = sum(t.numel() * t.element_size() for t in (run.data.x_train, run.data.x_val, run.data.x_test, run.x_val)
+               if t.device.type == torch.device(run.device).type)
+    return {"full": _ALLOCATOR_OVERHEAD * cfg.syn_steps * per_step,
+            "checkpoint": _ALLOCATOR_OVERHEAD * _CHECKPOINT_GRAPHS * per_step + thetas,
+            "graph_per_step": float(per_step), "data": float(data)}
+
+
+def choose_memory(run: _Run, state: DistillState) -> tuple[str, str, dict]:
+    """The memory mode for this run, why, and the estimate: the configured mode, or for "auto" full mode when its
+    graph (measured on one inner step, times syn_steps) fits half of the memory still available, else checkpoint.
+    Refuses (DistillError) a run whose mode cannot fit in the available memory, unless ``force``."""
+    cfg = run.cfg
+    est = memory_estimate(run, state)
     free = available_memory_bytes(run.device)
-    gib = 2**30
-    if free is None:
-        return "checkpoint", f"memory=auto: free memory unknown; full mode would keep ~{need / gib:.1f} GiB of graph"
-    mode = "full" if need <= 0.5 * free else "checkpoint"
-    return mode, (f"memory=auto chose {mode}: full mode would keep ~{need / gib:.1f} GiB of graph for {cfg.syn_steps} "
-                  f"inner steps, {free / gib:.1f} GiB available on {run.device}")
+    if cfg.memory != "auto":
+        mode, why = cfg.memory, f"memory={cfg.memory} was set"
+    elif free is None:
+        mode, why = "checkpoint", f"memory=auto: free memory unknown; full mode would keep ~{est['full'] / _GIB:.1f} GiB of graph"
+    else:
+        mode = "full" if est["full"] <= 0.5 * free else "checkpoint"
+        why = (f"memory=auto chose {mode}: full mode would keep ~{est['full'] / _GIB:.1f} GiB of graph for {cfg.syn_steps} "
+               f"inner steps, {free / _GIB:.1f} GiB available on {run.device}")
+    estimate = {"peak_bytes": est[mode], "available_bytes": free, **est}
+    if free is not None and est[mode] > free:
+        msg = (f"this run does not fit: memory={mode} needs ~{est[mode] / _GIB:.2f} GiB for the unroll "
+               f"(syn_steps={cfg.syn_steps}, batch_syn={min(cfg.batch_syn or state.synthetic.num_images, state.synthetic.num_images)}, "
+               f"~{est['graph_per_step'] / _GIB:.3f} GiB of graph per inner step; real data kept: {est['data'] / _GIB:.2f} GiB) "
+               f"and {free / _GIB:.2f} GiB is available on device {run.device}. Lower batch_syn or syn_steps, use "
+               f"memory=checkpoint, another device, or --set force=true to start anyway")
+        if not cfg.force:
+            raise DistillError(msg)
+        why += (f"; force=true: started although ~{est[mode] / _GIB:.2f} GiB may be needed and "
+                f"{free / _GIB:.2f} GiB is available")
+    return mode, why, estimate
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -510,8 +555,10 @@ def _experts_identity(experts: ExpertSet) -> dict:
 
 def _stored_config(ckpt: dict, cfg: DistillConfig) -> dict[str, Any]:
     """The checkpoint's config with the knobs added since it was written filled in (see ``_START_ONLY``)."""
-    stored = ckpt["config"]
+    stored = dict(ckpt["config"])
     later = {k: v for k, v in cfg.to_dict().items() if k in _START_ONLY and k not in stored}
+    if stored.get("batch_syn") is None:  # written before batch_syn had a default: it meant the whole set
+        stored["batch_syn"] = json.loads(ckpt["description"]).get("num_images")
     return {**DistillConfig().to_dict(), **later, **stored}
 
 
@@ -568,16 +615,19 @@ def _truncate_log(path: Path, iteration: int) -> list[dict]:
 
 
 def _save_if_due(run: _Run, state: DistillState, *, stop_at: int, description: dict, info: dict,
-                 stopping: bool = False) -> None:
+                 stopping: bool = False) -> Path | None:
     """Grids every grid_every iterations; the resume checkpoint every checkpoint_every, where this call stops, and
-    when ``stopping`` (Ctrl-C was pressed: the iteration just finished is kept)."""
+    when ``stopping`` (Ctrl-C was pressed: the iteration just finished is kept). Returns the grid drawn now, if one was."""
     cfg = run.cfg
     if run.out is None or not run.is_main:
-        return
+        return None
+    grid = None
     if cfg.grid_every and state.iteration % cfg.grid_every == 0:
-        _save_grid(run.out / "grids" / f"iter_{state.iteration:06d}.png", syn=state.synthetic, pre=run.pre, data=run.data)
+        grid = run.out / "grids" / f"iter_{state.iteration:06d}.png"
+        _save_grid(grid, syn=state.synthetic, pre=run.pre, data=run.data)
     if state.iteration % cfg.checkpoint_every == 0 or state.iteration == stop_at or stopping:
         save_checkpoint(run.out, cfg=cfg, state=state, description=description, info=info, experts=run.experts)
+    return grid if grid is not None and grid.exists() else None
 
 
 def _say_resumed(run: _Run, state: DistillState) -> None:
@@ -600,17 +650,20 @@ def distill(config: DistillConfig, *, experts: str | Path | ExpertSet, out: str 
             data: RealData | None = None, progress: bool = True, argv: list[str] | None = None) -> DistillResult:
     """Distill a synthetic set from ``experts``; with ``out``, checkpoint there, resume from it, and write
     ``out/synthetic.safetensors`` (the artifact), ``out/log.jsonl``, grids and curves."""
-    run = _setup(config, experts=experts, out=out, data=data)
+    run, chosen = _setup(config, experts=experts, out=out, data=data)
     state, info, resumed = _start(run)
-    memory, why = choose_memory(run, state)
-    run, info["memory"] = replace(run, memory=memory), {"mode": memory, "why": why}
+    info.update(chosen)
+    memory, why, estimate = choose_memory(run, state)
+    run, info["memory"] = replace(run, memory=memory), {"mode": memory, "why": why, "estimate": estimate}
     cfg, out = run.cfg, run.out if run.is_main else None  # under torchrun rank 0 alone writes
     if progress and run.is_main:
+        if "batch_syn" in info:
+            print(info["batch_syn"]["why"], file=sys.stderr)
         print(why, file=sys.stderr)
     description = state.synthetic.describe()
     history = _truncate_log(out / LOG, state.iteration) if out is not None else []
     sinks = open_sinks(cfg, out=out, log=out / LOG if out is not None else None, progress=progress and run.is_main,
-                       initial=state.iteration)
+                       initial=state.iteration, main=run.is_main)
     if out is not None and not resumed:
         out.mkdir(parents=True, exist_ok=True)
         save_checkpoint(out, cfg=cfg, state=state, description=description, info=info, experts=run.experts)
@@ -629,8 +682,11 @@ def distill(config: DistillConfig, *, experts: str | Path | ExpertSet, out: str 
                 record = _timed_step(run, state)          # one outer iteration; state.iteration moves on by one
                 _validate_if_due(run, state, record)      # adds val_acc and keeps the best set, when due
                 history.append(record)
-                sinks.write(record)                       # log.jsonl, progress bar, TensorBoard
-                _save_if_due(run, state, stop_at=stop_at, description=description, info=info, stopping=stop.requested)
+                sinks.write(record)                       # log.jsonl, progress bar, TensorBoard, wandb
+                grid = _save_if_due(run, state, stop_at=stop_at, description=description, info=info,
+                                    stopping=stop.requested)
+                if grid is not None:
+                    sinks.picture("grid", grid, state.iteration)
                 if stop.requested:
                     raise KeyboardInterrupt
     finally:

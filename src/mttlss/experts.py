@@ -31,12 +31,12 @@ from tqdm.auto import tqdm
 
 from mttlss import __version__
 from mttlss.augment import DSAConfig
-from mttlss.data import RealData, dataset_record, load_dataset
+from mttlss.data import RealData, canonical_name, dataset_record, load_dataset
 from mttlss.distributed import DistInfo, barrier, init_distributed, map_in_processes, shard
 from mttlss.errors import UserError
 from mttlss.io_utils import atomic_save_safetensors, atomic_write_json
 from mttlss.models import ParamLayout, build_model, flatten_params, model_spec
-from mttlss.preprocessing import Preprocessor
+from mttlss.preprocessing import NORMALIZATION, Preprocessor
 from mttlss.schema import Nullable, check_record, require
 from mttlss.training import evaluate_accuracy, train_one_epoch
 
@@ -107,6 +107,13 @@ class ExpertConfig:
     batch_size: int = 256
     preprocess: str = "normalize"   # "normalize" | "zca"
     zca_eps: float = 0.1
+    # normalize: a named convention (preprocessing.CONVENTIONS: "cifar10", ..., "computed") or explicit constants
+    # (the user's, e.g. for a folder: dataset); None: the dataset's published row if it has one, else computed
+    normalization: str | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    fit_on: str = "train"           # what ZCA / computed statistics are fitted on: "train" (minus validation, our
+                                    # rule) | "full-train" (the reference's, for imported experts)
     dsa: bool = True
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
     seed: int = 0                   # expert k uses seed + k
@@ -124,7 +131,17 @@ class ExpertConfig:
         d = asdict(self)
         for k in ("num_experts", "data_root", "device"):
             d.pop(k)
+        # settings added later are part of the identity only when set, so folders written before them still resume
+        for k, default in _LATER_DEFAULTS.items():
+            if d[k] == default:
+                d.pop(k)
+        for k in ("mean", "std"):
+            if d.get(k) is not None:
+                d[k] = [float(v) for v in d[k]]
         return d
+
+
+_LATER_DEFAULTS = {"normalization": None, "mean": None, "std": None, "fit_on": "train"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -138,9 +155,20 @@ def _data_and_preprocessor(cfg: ExpertConfig, out: Path | None) -> tuple[RealDat
     state_file = out / "preprocess.safetensors" if out is not None else None
     if state_file is not None and state_file.exists():
         return data, _read_preprocessor(out, read_manifest(out)["preprocessing"])
-    # fitted on train minus validation: the validation split stays unseen by experts and by the ZCA fit
-    pre = Preprocessor.fit(cfg.preprocess, data.x_train, dataset=cfg.dataset, eps=cfg.zca_eps)
-    return data, pre
+    return data, fit_preprocessor(cfg, data)
+
+
+def fit_preprocessor(cfg: ExpertConfig, data: RealData) -> Preprocessor:
+    """The experts' preprocessing, fitted on train minus validation (so the validation split stays unseen by
+    experts and by the ZCA fit), or with ``fit_on="full-train"`` on the whole training split as the reference does."""
+    x, fitted_on = data.x_train, "train-minus-val"
+    if cfg.fit_on == "full-train" or not len(data.x_val):
+        x = torch.cat([data.x_train, data.x_val]) if len(data.x_val) else data.x_train  # [N_train, C, H, W], pixel space
+        fitted_on = "full-train"
+    elif cfg.fit_on != "train":
+        raise ValueError(f"fit_on={cfg.fit_on!r} is not one of 'train', 'full-train'")
+    return Preprocessor.fit(cfg.preprocess, x, dataset=cfg.dataset, eps=cfg.zca_eps, fitted_on=fitted_on,
+                            normalization=cfg.normalization, mean=cfg.mean, std=cfg.std)
 
 
 def _read_preprocessor(folder: Path, meta: dict) -> Preprocessor:
@@ -195,7 +223,7 @@ def expert_path(out: Path, index: int) -> Path:
     return Path(out) / f"expert_{index:03d}.safetensors"
 
 
-def _save_expert(out: Path, index: int, result: dict) -> None:
+def _save_expert(out: Path, index: int, result: dict, *, extra: dict | None = None) -> None:
     meta = {
         "index": index,
         "seed": result["seed"],
@@ -203,6 +231,7 @@ def _save_expert(out: Path, index: int, result: dict) -> None:
         "num_params": int(result["trajectory"].shape[1]),
         "final_val_acc": float(result["val_acc"][-1]) if len(result["val_acc"]) else None,
         "final_train_loss": float(result["train_loss"][-1]) if len(result["train_loss"]) else None,
+        **(extra or {}),
     }
     tensors = {k: result[k] for k in ("trajectory", "train_loss", "val_acc")}
     atomic_save_safetensors(expert_path(out, index), tensors, metadata={"mttlss_expert": json.dumps(meta)})
@@ -393,27 +422,60 @@ class ExpertSet:
 
     def validity(self) -> list[dict[str, Any]]:
         """Per expert: final validation accuracy and whether the training loss kept decreasing (the
-        maintainers' first debugging step when distillation fails)."""
+        maintainers' first debugging step when distillation fails). Imported experts have no training record:
+        their rows carry ``imported`` (where from) and ``check`` (accuracy at the first and last stored epoch)."""
         report = []
         for k in self.indices:
             m = self.metrics(k)
             loss = m["train_loss"]
             decreasing = len(loss) < 2 or loss[-1] < loss[0]
             report.append({"index": k, "final_val_acc": m["final_val_acc"], "final_train_loss": m["final_train_loss"],
-                           "loss_decreased": decreasing})
+                           "loss_decreased": decreasing, "imported": m.get("imported"), "check": m.get("check")})
         return report
+
+    def report_lines(self) -> list[str]:
+        """One line per expert, as ``mttlss experts`` / ``experts import`` / ``info`` print it."""
+        chance = 1.0 / max(1, int(self.dataset.get("num_classes") or 1))
+        lines = []
+        for r in self.validity():
+            if r["imported"] is None:
+                flag = "" if r["loss_decreased"] else "  <- training loss did not decrease"
+                lines.append(f"expert {r['index']:3d}: final val acc {r['final_val_acc']:.4f}  "
+                             f"train loss {r['final_train_loss']:.4f}{flag}")
+                continue
+            line = f"expert {r['index']:3d}: imported from {r['imported']['from']}, no training record"
+            check = r["check"]
+            if check:
+                accs = ", ".join(f"epoch {e} {100 * a:.2f} %" for e, a in zip(check["epochs"], check["acc"]))
+                line += f"; {check['split']} accuracy ({check['images']} images): {accs}"
+                if check["acc"][-1] < 1.5 * chance:
+                    line += "  <- near chance: check the preprocessing (--zca, --normalization) and --model"
+            lines.append(line)
+        return lines
 
 
 # ---------------------------------------------------------------------------------------------------------
 # import of reference-format buffers
 
 
-def import_reference(paths: list[str | Path], out: str | Path, *, cfg: ExpertConfig) -> ExpertSet:
-    """Convert reference ``replay_buffer_<n>.pt`` files (a list of experts, each a list of per-epoch parameter
-    lists in ``named_parameters`` order) into an experts folder. ``cfg`` describes how they were trained
-    (dataset, model, preprocessing): the reference format does not say, so the caller must."""
-    out = Path(out)
-    experts: list[list[list[torch.Tensor]]] = []
+def _require_convention(cfg: ExpertConfig) -> None:
+    """Reference experts were trained on a preprocessing the buffer does not record: never guess it from the copy."""
+    if cfg.preprocess != "normalize" or cfg.normalization is not None or cfg.mean is not None:
+        return
+    name = canonical_name(cfg.dataset)
+    if name in NORMALIZATION:
+        return
+    raise ExpertError(
+        f"dataset {cfg.dataset!r} has no known normalisation convention, and the reference buffers do not record "
+        f"the one they were trained with. Say it: --normalization NAME (the field's constants of "
+        f"{', '.join(NORMALIZATION)}; e.g. cifar10 for an npz copy of CIFAR-10), --mean M1,M2,M3 --std S1,S2,S3, "
+        f"--zca for ZCA-whitened experts, or --normalization computed to compute mean/std from this copy"
+    )
+
+
+def _read_buffers(paths: list[str | Path]) -> list[tuple[str, list[list[torch.Tensor]]]]:
+    """(file name, expert) pairs from reference ``replay_buffer_<n>.pt`` files, in sorted file order."""
+    experts = []
     for p in sorted(map(Path, paths)):
         if not p.exists():
             raise ExpertError(f"no buffer file at {p}")
@@ -423,25 +485,65 @@ def import_reference(paths: list[str | Path], out: str | Path, *, cfg: ExpertCon
             raise ExpertError(f"{p} could not be read as a reference replay buffer ({exc})") from exc
         if not isinstance(buf, list):
             raise ExpertError(f"{p} holds a {type(buf).__name__}, expected a list of experts")
-        experts.extend(buf)
+        experts.extend((f"{p.name}[{j}]", expert) for j, expert in enumerate(buf))
     if not experts:
         raise ExpertError("the buffer files hold no experts")
-    epochs = len(experts[0]) - 1
-    cfg = ExpertConfig(**{**asdict(cfg), "epochs": epochs, "num_experts": len(experts)})
+    return experts
+
+
+def _held_out(data: RealData, pre: Preprocessor, *, max_images: int, device: str) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """The split an imported expert is checked on: validation when there is one, else test; at most ``max_images``
+    of it (a seeded random subset: npz files are often sorted by class). Images in training space."""
+    split, x, y = ("val", data.x_val, data.y_val) if len(data.x_val) else ("test", data.x_test, data.y_test)
+    if len(y) > max_images:
+        idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:max_images].sort().values
+        x, y = x[idx], y[idx]
+    return split, pre.to(device)(x.to(device)), y.to(device)
+
+
+def stored_epoch_accuracy(model: torch.nn.Module, rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """Accuracy of ``model`` with each parameter row of ``rows`` [k, P] loaded, on ``x`` (training space) / ``y``."""
+    device = next(model.parameters()).device
+    accs = []
+    for row in rows:
+        torch.nn.utils.vector_to_parameters(row.to(device), model.parameters())
+        accs.append(evaluate_accuracy(model, x, y))
+    return accs
+
+
+def import_reference(paths: list[str | Path], out: str | Path, *, cfg: ExpertConfig, check_images: int = 5000) -> ExpertSet:
+    """Convert reference ``replay_buffer_<n>.pt`` files (a list of experts, each a list of per-epoch parameter
+    lists in ``named_parameters`` order) into an experts folder. ``cfg`` describes how they were trained
+    (dataset, model, preprocessing): the reference format does not say, so the caller must; ZCA is fitted on the
+    full training split, as the reference does. Each expert's accuracy at its first and last stored epoch on the
+    held-out split (``check_images`` of it at most; 0: no check) is recorded in its file (``ExpertSet.validity``)."""
+    out = Path(out)
+    _require_convention(cfg)
+    experts = _read_buffers(paths)
+    epochs = len(experts[0][1]) - 1
+    cfg = ExpertConfig(**{**asdict(cfg), "epochs": epochs, "num_experts": len(experts), "fit_on": "full-train"})
     data, pre, layout = _prepare_folder(cfg, out)
-    for k, expert in enumerate(experts):
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(cfg.model, channels=data.channels, num_classes=data.num_classes, image_size=data.image_size).to(device)
+    if check_images > 0:
+        split, x_check, y_check = _held_out(data, pre, max_images=check_images, device=device)
+    for k, (source, expert) in enumerate(experts):
         if len(expert) != epochs + 1:
-            raise ExpertError(f"expert {k} has {len(expert)} checkpoints, expert 0 has {epochs + 1}")
+            raise ExpertError(f"expert {k} ({source}) has {len(expert)} checkpoints, expert 0 has {epochs + 1}")
         rows = []
         for e, params in enumerate(expert):
             shapes = [list(t.shape) for t in params]
             if shapes != [s for _, s in layout.as_list()]:
                 raise ExpertError(
-                    f"expert {k}, epoch {e}: parameter shapes {shapes} do not match the model {cfg.model} "
+                    f"expert {k} ({source}), epoch {e}: parameter shapes {shapes} do not match the model {cfg.model} "
                     f"({[s for _, s in layout.as_list()]}); pass the --model/--width/--depth the buffer was trained with"
                 )
             rows.append(torch.cat([t.float().reshape(-1) for t in params]))
-        traj = torch.stack(rows)
+        traj = torch.stack(rows)  # [E+1, P]
+        extra: dict[str, Any] = {"imported": {"from": source}}
+        if check_images > 0:
+            extra["check"] = {"split": split, "images": int(len(y_check)), "epochs": [0, epochs],
+                              "acc": stored_epoch_accuracy(model, traj[[0, epochs]], x_check, y_check)}
         _save_expert(out, k, {"trajectory": traj, "train_loss": torch.full((epochs,), float("nan")),
-                              "val_acc": torch.full((epochs,), float("nan")), "seed": -1})
+                              "val_acc": torch.full((epochs,), float("nan")), "seed": -1}, extra=extra)
     return ExpertSet(out)

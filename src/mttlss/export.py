@@ -22,18 +22,41 @@ import torch
 from PIL import Image
 
 from mttlss.artifact import Artifact, load
+from mttlss.data import canonical_name
 from mttlss.io_utils import atomic_torch_save, atomic_write_bytes, atomic_write_json
+from mttlss.preprocessing import NORMALIZATION
 
 FORMATS = ("ddranking", "imagefolder", "npz")
 # `fitted_on` values meaning the ZCA already used the whole training split, as DD-Ranking's own fit does.
 _FULL_TRAIN = ("train", "full-train", "train-full", "full_train")
+# What DD-Ranking 0.2.0 normalises its real CIFAR images with when use_zca is off (ddranking/utils/data.py,
+# get_dataset): the field's constants, CIFAR-10's reused for CIFAR-100. Its loader has no SVHN.
+DDRANKING_NORMALIZATION = {"cifar10": NORMALIZATION["cifar10"], "cifar100": NORMALIZATION["cifar100"]}
 
 
-def export(artifact: Artifact | str, *, fmt: str, out_dir, full_train_preprocessor=None) -> list[Path]:
+def ddranking_dataset(art: Artifact, as_dataset: str | None = None) -> str | None:
+    """The DD-Ranking dataset an artifact belongs to: ``as_dataset``, else the normalisation convention it
+    recorded, else its dataset's name (None for npz:/folder: copies that recorded no convention)."""
+    if as_dataset is not None:
+        key = canonical_name(as_dataset)
+        if key not in DDRANKING_NORMALIZATION:
+            raise ValueError(f"DD-Ranking knows {', '.join(DDRANKING_NORMALIZATION)} among these datasets, not {as_dataset!r}")
+        return key
+    pre = art.manifest.get("preprocessing", {})
+    for key in (pre.get("convention"), canonical_name(art.manifest.get("dataset", {}).get("name") or "")):
+        if key in DDRANKING_NORMALIZATION:
+            return key
+    return None
+
+
+def export(artifact: Artifact | str, *, fmt: str, out_dir, full_train_preprocessor=None,
+           as_dataset: str | None = None) -> list[Path]:
     """Write ``artifact`` (an Artifact or a path) in format ``fmt`` under ``out_dir``; returns the files written.
 
     ``full_train_preprocessor`` (ddranking only): a ZCA Preprocessor fitted on the FULL training split, used
     to re-whiten the images the way DD-Ranking's evaluator will (it refits ZCA on the full train set).
+    ``as_dataset`` (ddranking only): the DD-Ranking dataset ("cifar10", "cifar100") of an artifact made from an
+    npz:/folder: copy that recorded no convention; mean/std images are re-normalised to its constants.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; valid: {', '.join(FORMATS)}")
@@ -43,7 +66,7 @@ def export(artifact: Artifact | str, *, fmt: str, out_dir, full_train_preprocess
     if full_train_preprocessor is not None and fmt != "ddranking":
         raise ValueError("full_train_preprocessor only applies to fmt='ddranking'")
     if fmt == "ddranking":
-        return _export_ddranking(art, out, full_train_preprocessor)
+        return _export_ddranking(art, out, full_train_preprocessor, ddranking_dataset(art, as_dataset))
     if fmt == "imagefolder":
         return _export_imagefolder(art, out)
     return _export_npz(art, out)
@@ -65,11 +88,29 @@ def _common_sidecar(art: Artifact, fmt: str) -> dict:
     }
 
 
-def _export_ddranking(art: Artifact, out: Path, full_train_pre) -> list[Path]:
+def _ddranking_normalized(art: Artifact, images: torch.Tensor, target: str | None) -> tuple[torch.Tensor, str, bool]:
+    """Mean/std images [n, C, H, W] in the constants DD-Ranking normalises its test images with; (images, note,
+    whether they were re-normalised)."""
+    pre = art.preprocessor
+    if target is None:
+        return images, (f"mean/std normalised with mean={pre.mean.tolist()}, std={pre.std.tolist()}; the dataset is not "
+                        f"one DD-Ranking loads (or an npz/folder copy without a recorded convention: export with "
+                        f"--as-dataset cifar10|cifar100 to re-normalise to DD-Ranking's constants)"), False
+    mean, std = (torch.tensor(v, dtype=torch.float32) for v in DDRANKING_NORMALIZATION[target])
+    if torch.allclose(pre.mean.float().cpu(), mean) and torch.allclose(pre.std.float().cpu(), std):
+        return images, f"mean/std normalised with DD-Ranking's {target} constants already; run it with use_zca=False", False
+    pixels = pre.inverse(images)  # [n, C, H, W], pixel space
+    images = (pixels - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    return images, (f"re-normalised from mean={[round(v, 4) for v in pre.mean.tolist()]}, std="
+                    f"{[round(v, 4) for v in pre.std.tolist()]} to DD-Ranking's {target} constants; run it with "
+                    f"use_zca=False"), True
+
+
+def _export_ddranking(art: Artifact, out: Path, full_train_pre, target: str | None) -> list[Path]:
     images = art.images()  # [n, C, H, W], our training space, class-major
     space = art.space
     fitted_on = art.manifest.get("preprocessing", {}).get("fitted_on")
-    zca_refit = False
+    zca_refit = renormalized = False
     if space == "zca":
         if full_train_pre is not None:
             if getattr(full_train_pre, "kind", None) != "zca":
@@ -86,9 +127,7 @@ def _export_ddranking(art: Artifact, out: Path, full_train_pre) -> list[Path]:
                         f"train split, so its whitening differs slightly. Pass full_train_preprocessor "
                         f"(a ZCA fitted on the full train split; `mttlss export --full-train-zca`) to convert.")
     elif space == "normalized":
-        pre = art.manifest.get("preprocessing", {})
-        zca_note = (f"mean/std normalised space (mean={pre.get('mean')}, std={pre.get('std')}); run DD-Ranking "
-                    f"without ZCA and with the same normalisation constants")
+        images, zca_note, renormalized = _ddranking_normalized(art, images, target)
     else:
         zca_note = f"space {space!r}: images exported as is; DD-Ranking will not preprocess tensors it is given"
     lr = torch.tensor(float(art.lr), dtype=torch.float32)  # 0-dim, what DD-Ranking accepts as syn_lr
@@ -108,6 +147,8 @@ def _export_ddranking(art: Artifact, out: Path, full_train_pre) -> list[Path]:
         "space": space,
         "zca_fitted_on": fitted_on if space == "zca" else None,
         "zca_refit": zca_refit,
+        "ddranking_dataset": target,
+        "renormalized": renormalized,
         "space_note": zca_note,
         "files": [p.name for p in files],
     })

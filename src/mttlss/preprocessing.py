@@ -17,7 +17,7 @@ from mttlss.data import canonical_name
 # Published per-channel mean / std of the pixel-space training images, in ONE place.
 # CIFAR std (0.2023, 0.1994, 0.2010) is the DC / MTT / DD-Ranking convention (not the true std
 # 0.2470, 0.2435, 0.2616); those code bases reuse the CIFAR-10 constants for CIFAR-100, and so do we,
-# so that normalised images are interchangeable with theirs (see docs: ecosystem.md section 2).
+# so that normalised images are interchangeable with theirs (docs/method.md 10.1).
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
     "cifar100": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
@@ -25,6 +25,10 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "mnist": ((0.1307,), (0.3081,)),
     "fashion-mnist": ((0.2860,), (0.3530,)),
 }
+
+# Named conventions a user may ask for (``--normalization NAME``): a table row above, or "computed" (mean/std of the
+# images given to ``fit``). npz:/folder: copies of a listed dataset need a name to get the field's constants.
+CONVENTIONS: tuple[str, ...] = (*NORMALIZATION, "computed")
 
 _CHUNK_ROWS = 4096  # rows per matmul chunk in ZCA fit/apply: bounds temporary memory to ~100 MB
 
@@ -51,6 +55,10 @@ def _eigh64(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.linalg.eigh(cov)
 
 
+def _fmt(t: torch.Tensor) -> str:
+    return "(" + ", ".join(f"{v:.4f}" for v in t.cpu().tolist()) + ")"
+
+
 class Preprocessor:
     """Maps pixel-space [0,1] images to the training space (mean/std 'normalized', or 'zca') and back.
 
@@ -64,7 +72,7 @@ class Preprocessor:
     def __init__(self, *, kind: str, dataset: str, fitted_on: str, eps: float | None = None,
                  mean: torch.Tensor | None = None, std: torch.Tensor | None = None,
                  zca_mean: torch.Tensor | None = None, zca_matrix: torch.Tensor | None = None,
-                 zca_inverse: torch.Tensor | None = None, source: str | None = None):
+                 zca_inverse: torch.Tensor | None = None, source: str | None = None, convention: str | None = None):
         if kind not in _SPACES:
             raise ValueError(f"kind must be one of {sorted(_SPACES)}, got {kind!r}")
         self.kind = kind
@@ -72,7 +80,8 @@ class Preprocessor:
         self.dataset = dataset
         self.fitted_on = fitted_on
         self.eps = eps
-        self.source = source  # normalize: "published" | "computed"
+        self.source = source  # normalize: "published" | "computed" | "user" (mean/std given)
+        self.convention = convention  # normalize, published: the NORMALIZATION row used ("cifar10", ...)
         self.mean, self.std = mean, std  # normalize: [C] each
         self.zca_mean, self.zca_matrix, self.zca_inverse = zca_mean, zca_matrix, zca_inverse  # [D], [D, D], [D, D]
         if kind == "normalize" and (mean is None or std is None):
@@ -84,8 +93,14 @@ class Preprocessor:
 
     @classmethod
     def fit(cls, kind: str, x_pixels: torch.Tensor, *, dataset: str, eps: float = 0.1,
-            fitted_on: str = "train-minus-val") -> "Preprocessor":
-        """Fit on pixel-space images ``x_pixels`` [N, C, H, W] (normally train minus validation)."""
+            fitted_on: str = "train-minus-val", normalization: str | None = None,
+            mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> "Preprocessor":
+        """Fit on pixel-space images ``x_pixels`` [N, C, H, W] (normally train minus validation).
+
+        normalize: ``mean``/``std`` given by the user win; else ``normalization`` names a convention
+        (``CONVENTIONS``: a published row, or "computed"); else the dataset's published row when it has one,
+        otherwise computed from ``x_pixels``.
+        """
         if kind not in _SPACES:
             raise ValueError(f"kind must be one of {sorted(_SPACES)}, got {kind!r}")
         if x_pixels.ndim != 4:
@@ -93,19 +108,30 @@ class Preprocessor:
         if kind == "none":
             return cls(kind="none", dataset=dataset, fitted_on=fitted_on)
         if kind == "normalize":
-            return cls._fit_normalize(x_pixels, dataset=dataset, fitted_on=fitted_on)
+            return cls._fit_normalize(x_pixels, dataset=dataset, fitted_on=fitted_on, normalization=normalization,
+                                      mean=mean, std=std)
         return cls._fit_zca(x_pixels, dataset=dataset, eps=float(eps), fitted_on=fitted_on)
 
     @classmethod
-    def _fit_normalize(cls, x: torch.Tensor, *, dataset: str, fitted_on: str) -> "Preprocessor":
+    def _fit_normalize(cls, x: torch.Tensor, *, dataset: str, fitted_on: str, normalization: str | None,
+                       mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> "Preprocessor":
         channels = x.shape[1]
-        base = _base_name(dataset)
+        if (mean is None) != (std is None):
+            raise ValueError("give both mean and std (one value per channel each), or neither")
+        if mean is not None:
+            m, s = (torch.tensor([float(v) for v in vals], dtype=torch.float32) for vals in (mean, std))
+            if m.numel() != channels or s.numel() != channels or not bool((s > 0).all()):
+                raise ValueError(f"mean and std need {channels} values each (std > 0), got mean={list(mean)}, std={list(std)}")
+            return cls(kind="normalize", dataset=dataset, fitted_on="given", mean=m, std=s, source="user")
+        if normalization is not None and normalization not in CONVENTIONS:
+            raise ValueError(f"normalization={normalization!r} is not one of {', '.join(CONVENTIONS)}")
+        base = normalization if normalization is not None else _base_name(dataset)
         if base in NORMALIZATION:
-            mean, std = (torch.tensor(v, dtype=torch.float32) for v in NORMALIZATION[base])
-            if mean.numel() != channels:
-                raise ValueError(f"{base!r} constants have {mean.numel()} channels, images have {channels}")
-            return cls(kind="normalize", dataset=dataset, fitted_on="published", mean=mean, std=std,
-                       source="published")
+            m, s = (torch.tensor(v, dtype=torch.float32) for v in NORMALIZATION[base])
+            if m.numel() != channels:
+                raise ValueError(f"{base!r} constants have {m.numel()} channels, images have {channels}")
+            return cls(kind="normalize", dataset=dataset, fitted_on="published", mean=m, std=s,
+                       source="published", convention=base)
         # float64 sums chunk by chunk: accurate, and no float64 copy of the whole set.
         s = torch.zeros(channels, dtype=torch.float64)
         s2 = torch.zeros(channels, dtype=torch.float64)
@@ -208,7 +234,8 @@ class Preprocessor:
         m: dict[str, Any] = {"kind": self.kind, "space": self.space, "eps": self.eps, "fitted_on": self.fitted_on,
                              "dataset": self.dataset, "mean": None, "std": None}
         if self.kind == "normalize":
-            m.update(mean=self.mean.cpu().tolist(), std=self.std.cpu().tolist(), source=self.source)
+            m.update(mean=self.mean.cpu().tolist(), std=self.std.cpu().tolist(), source=self.source,
+                     convention=self.convention)
         elif self.kind == "zca":
             m["dim"] = int(self.zca_mean.numel())  # the ZCA mean is per pixel, so it lives in the tensors only
         return m
@@ -225,7 +252,8 @@ class Preprocessor:
             std = tensors.get("preprocess.std")
             mean = mean.float().clone() if mean is not None else torch.tensor(meta["mean"], dtype=torch.float32)
             std = std.float().clone() if std is not None else torch.tensor(meta["std"], dtype=torch.float32)
-            return cls(kind="normalize", mean=mean, std=std, source=meta.get("source"), **common)
+            return cls(kind="normalize", mean=mean, std=std, source=meta.get("source"),
+                       convention=meta.get("convention"), **common)
         if kind == "zca":
             missing = [k for k in ("zca.mean", "zca.matrix", "zca.inverse") if k not in tensors]
             if missing:
@@ -234,6 +262,20 @@ class Preprocessor:
                        zca_matrix=tensors["zca.matrix"].float().clone(),
                        zca_inverse=tensors["zca.inverse"].float().clone(), **common)
         raise ValueError(f"meta['kind'] must be one of {sorted(_SPACES)}, got {kind!r}")
+
+    def describe(self) -> str:
+        """One line saying what this preprocessing is, e.g. for the CLI after an experts import."""
+        if self.kind == "none":
+            return "no preprocessing (pixels in [0, 1])"
+        if self.kind == "zca":
+            return (f"ZCA whitening (kornia-style, eps {self.eps:g}) fitted on the {self.fitted_on} split "
+                    f"({self.zca_mean.numel()} values per image)")
+        vals = f"mean {_fmt(self.mean)}, std {_fmt(self.std)}"
+        if self.source == "published":
+            return f"mean/std normalisation with the field's {self.convention or self.dataset} constants: {vals}"
+        if self.source == "user":
+            return f"mean/std normalisation with the given constants: {vals}"
+        return f"mean/std normalisation computed from this copy's {self.fitted_on} images: {vals}"
 
     def to(self, device) -> "Preprocessor":
         """Move the stored tensors to ``device`` (in place); returns self."""

@@ -30,7 +30,9 @@ QUICK = {
     # 3 images per class. Chosen on the validation split: 8x8 digits leave little room for low rank (undistilled,
     # rank 2 shared: 15/class at 35% val; rank 2 per class: 8/class, 66%; rank 4 shared: 3/class, 80%, the same as
     # one random real image per class). Low-rank sampling pays off on larger images (CIFAR: 62/class at r=4).
-    "lowrank": {"rank": 4, "code": "full", "subspaces": "shared", "num_subspaces": 1},
+    # batch_syn 30: the whole decoded set (3 per class x 10), as the recorded quickstart ran before batch_syn had a
+    # default (IPC x classes = 10); the pixel set's default, 10, is its whole set
+    "lowrank": {"rank": 4, "code": "full", "subspaces": "shared", "num_subspaces": 1, "batch_syn": 30},
     "matching": {"syn_steps": 20, "expert_epochs": 2, "min_start_epoch": 0, "current_max_start_epoch": 4,
                  "max_start_epoch": 10, "expansion_end_epoch": 150, "progressive": True, "lr_teacher": 0.01,
                  "lr_lr": 1e-5, "lr_img": 100.0, "lr_y": 2.0, "threshold": 1.0, "iterations": 200,
