@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         sh([*mttlss, "export", art, "--format", "ddranking", "--out", export], env=env)
         ours = work / f"mttlss_eval_{param}_{args.eval_epochs}x{args.eval_runs}.json"
         if not ours.exists():  # a rerun keeps finished steps: experts and runs resume, evaluations are kept
-            sh([*mttlss, "evaluate", art, "--recipe", "mtt-1000", "--epochs", args.eval_epochs, "--runs", args.eval_runs,
+            sh([*mttlss, "evaluate", art, "--dataset", f"npz:{sub}", "--recipe", "mtt-1000", "--epochs", args.eval_epochs, "--runs", args.eval_runs,
                 "--json", ours], env=env)
         rows.append({"param": param, "export": str(export), "mttlss": json.loads(ours.read_text()),
                      "sidecar": json.loads((export / "export.json").read_text())})
