@@ -261,3 +261,11 @@ def test_two_torchrun_ranks_distill_the_single_process_set_and_rank_0_alone_writ
     assert ranks[0]["artifact"].endswith("synthetic.safetensors") and ranks[1]["artifact"] == "None"
     lines = (tmp_path / "two" / "log.jsonl").read_text().splitlines()
     assert len(lines) == 4  # one writer: no record twice
+
+
+def test_a_run_whose_every_update_was_skipped_says_so(experts, capsys):
+    from mttlss.distillation import _STALL_AFTER
+
+    distill(tiny(iterations=_STALL_AFTER, threshold=0.0), experts=experts, out=None, progress=False)
+    err = capsys.readouterr().err
+    assert f"all {_STALL_AFTER} updates were skipped" in err and "threshold=0" in err

@@ -691,6 +691,8 @@ def distill(config: DistillConfig, *, experts: str | Path | ExpertSet, out: str 
                     raise KeyboardInterrupt
     finally:
         sinks.close()
+    if run.is_main:
+        _warn_if_stalled(run.cfg, history[first_iteration:])
     return _finish(run, state, description=description, info=info, history=history,
                    ran=state.iteration > first_iteration, argv=argv)
 
@@ -700,6 +702,21 @@ def _select(cfg: DistillConfig, state: DistillState) -> tuple[dict, dict]:
         return {"select_on": "val", "iteration": state.best["iteration"], "score": state.best["val_acc"],
                 "metric": "validation accuracy"}, state.best
     return {"select_on": "none", "iteration": state.iteration, "score": None, "metric": None}, _snapshot(state)
+
+
+# Seen on CIFAR-10 with experts trained for one epoch (benchmarks/cifar10.py --expert-epochs 1, 2026-12-01): the
+# student ended farther from epoch 1 than it started in all 150 iterations (loss 1.45-1.6 > threshold 1), so the
+# guard skipped every update and the "distilled" set was its initialisation. Say so instead of ending quietly.
+_STALL_AFTER = 20  # iterations, all skipped, before the run says that nothing was learned
+
+
+def _warn_if_stalled(cfg: DistillConfig, records: list[dict]) -> None:
+    if len(records) >= _STALL_AFTER and all(r.get("skipped") for r in records):
+        low = min(r["loss"] for r in records)
+        print(f"distill: warning: all {len(records)} updates were skipped because the matching loss (lowest "
+              f"{low:.3g}) exceeded threshold={cfg.threshold:g}: the student ends farther from the target checkpoint "
+              f"than it starts, so the set did not change; lower lr_teacher or syn_steps, match a later segment "
+              f"(min_start_epoch), or raise threshold", file=sys.stderr)
 
 
 def _finish(run: _Run, state: DistillState, *, description: dict, info: dict, history: list[dict], ran: bool,
