@@ -1,6 +1,8 @@
 """CIFAR-10 benchmark: does low-rank space sampling beat pixel MTT and random real images at the same storage?
 
-    python benchmarks/cifar10.py                      # CPU scale (about 44 min on 2 cores), IPC 1 and 10
+    python benchmarks/cifar10.py                      # CPU scale, IPC 1 and 10, every row (2 cores: about 48 min for
+        # the README's rows, --methods random lowrank_init_hard lowrank_init_soft pixel lowrank; the counted and
+        # hard-label MTT-LSS rows add about 45 min more, estimated from their one-thread distillation times)
     python benchmarks/cifar10.py --ipcs 1             # one budget only
     python benchmarks/cifar10.py --scale paper        # the field's protocol (needs a GPU and hours)
     python benchmarks/cifar10.py --expert-epochs 1 --ipcs 1 \
