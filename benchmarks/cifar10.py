@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import multiprocessing
 import os
 import platform
@@ -253,6 +254,8 @@ def main() -> int:
                     help="one-thread processes side by side (default: 2 on a CPU of 2+ cores, 1 on a GPU)")
     ap.add_argument("--expert-epochs", type=int, default=None,
                     help="train the experts for this many epochs (1: weak experts); the matching window shrinks to fit")
+    ap.add_argument("--override", default="{}", metavar="JSON",
+                    help="DistillConfig overrides for every distilled row, e.g. '{\"threshold\": 1e9}' (use another --out)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: check that the pipeline runs (about 14 min on 2 cores)")
     args = ap.parse_args()
 
@@ -261,6 +264,7 @@ def main() -> int:
     from mttlss.data import load_recorded
     from mttlss.io_utils import atomic_write_json, atomic_write_text
 
+    override = json.loads(args.override)
     on_gpu = (args.device or "").startswith("cuda") or (args.device is None and torch.cuda.is_available())
     workers = args.workers or (1 if on_gpu else min(2, os.cpu_count() or 1))
     plan = plan_for(args.scale, expert_epochs=args.expert_epochs, smoke=args.smoke)
@@ -285,7 +289,7 @@ def main() -> int:
             sets[ipc, "random real"] = str(random_real_artifact(
                 dataset=data.name, ipc=ipc, experts=experts.folder, data=data,
                 out=out / f"ipc{ipc}" / "random" / "synthetic.safetensors"))
-        jobs += [(ipc, method, distill_config(plan, ipc, param, **extra), str(out / f"ipc{ipc}" / name))
+        jobs += [(ipc, method, distill_config(plan, ipc, param, **{**extra, **override}), str(out / f"ipc{ipc}" / name))
                  for method, name, param, extra in METHODS if name in args.methods]
     order = [(ipc, m) for ipc in args.ipcs for m in ["random real"] + [m[0] for m in METHODS]]
     runner = Runner(workers)
@@ -321,7 +325,7 @@ def main() -> int:
                      "lr": m.get("lr"), "distill_seconds": res["distill_seconds"], "eval_seconds": res["seconds"],
                      "artifact": path})
 
-    report = {"benchmark": "cifar10", "scale": args.scale, "plan": plan, "machine": machine(), "workers": workers,
+    report = {"benchmark": "cifar10", "scale": args.scale, "plan": plan, "override": override, "machine": machine(), "workers": workers,
               "date": time.strftime("%Y-%m-%d"), "expert_seconds": round(expert_seconds, 1), "experts": validity,
               "total_seconds": round(time.time() - t_start, 1), "results": rows}
     atomic_write_json(out / "results.json", report)
