@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     sub, tv = write_data(Path(args.npz), work, per_class=args.train_per_class, test_images=args.test_images)
 
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    mttlss = [sys.executable, "-m", "mttlss.cli"]
+    mttlss = [sys.executable, "-m", "mttlss"]
     experts = work / "experts"
     sh([*mttlss, "experts", "--dataset", f"npz:{sub}", "--normalization", "cifar10", "--num-experts", args.experts,
         "--epochs", args.expert_epochs, "--out", experts], env=env)

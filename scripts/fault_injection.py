@@ -11,7 +11,8 @@ left behind, reruns the command to completion and compares its result with the r
 Printed per command: runs / completed (the rerun exited 0) / identical (bit for bit: the expert files, the
 artifact's tensors, the evaluation accuracies) / different / half-written (a file at its final name that does not
 read back) / temp files left (a SIGKILL mid-write leaves its hidden ``.*.tmp``; harmless, never read), and for
-SIGINT the exit codes seen (130 expected).
+SIGINT the exit codes seen: 130 with the sentence while the command runs, 0 when it landed after the command had
+finished (while Python shut down), never a death by the signal itself (a negative code; counted, and a failure).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def _env() -> dict:
 
 
 def _cli(*argv) -> list[str]:
-    return [sys.executable, "-m", "mttlss.cli", *map(str, argv)]
+    return [sys.executable, "-m", "mttlss", *map(str, argv)]
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess:
@@ -177,7 +178,9 @@ def _summary(name: str, rows: list[dict]) -> dict:
             "identical": sum(r["identical"] for r in done), "different": sum(not r["identical"] for r in done),
             "half_written": sum(r["half_written"] for r in rows), "temp_files_left": sum(r["temp_files_left"] for r in rows),
             "sigint_exit_codes": sorted({r["exit_code"] for r in ints}),
-            "sigint_said_rerun": sum(r["interrupt_message"] for r in ints)}
+            "sigint_said_rerun": sum(r["interrupt_message"] for r in ints),
+            "sigint_after_finish": sum(r["exit_code"] == 0 for r in ints),
+            "sigint_ended_by_signal": sum(r["exit_code"] < 0 for r in ints)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-        bad = any(s["completed"] < s["runs"] or s["different"] or s["half_written"] for s in report["summary"])
+        bad = any(s["completed"] < s["runs"] or s["different"] or s["half_written"] or s["sigint_ended_by_signal"]
+                  for s in report["summary"])
         return 1 if bad else 0
     finally:
         if not args.work:

@@ -31,7 +31,7 @@ INTERRUPTED = "interrupted; rerun the same command to resume"
 
 
 def start(*argv) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mttlss.cli", *map(str, argv)], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "mttlss", *map(str, argv)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV)
 
 
@@ -125,6 +125,44 @@ def test_ctrl_c_in_evaluate_keeps_finished_networks_and_the_rerun_reports_the_sa
 
 # ---------------------------------------------------------------------------------------------------------
 # Ctrl-C in-process: a file being written is finished first
+
+
+def test_ctrl_c_while_python_imports_torch_gets_the_sentence_not_a_signal_death(tmp_path):
+    """The launcher imports only the standard library before its try: a SIGINT 0.3 s after start lands while torch
+    and the stages are imported (about 2 s on a CPU) and must still end in the sentence and exit 130."""
+    proc = start("experts", "--dataset", "digits", "--width", "8", "--depth", "1", "--num-experts", "1", "--epochs", "1",
+                 "--out", tmp_path / "ex")
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130 and INTERRUPTED in err and "Traceback" not in err, (proc.returncode, err)
+
+
+def test_the_launcher_turns_ctrl_c_before_the_command_into_the_sentence(monkeypatch, capsys):
+    from mttlss import __main__ as launcher
+
+    def interrupted_import(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "main", interrupted_import)
+    assert launcher.main(["experts", "--dataset", "digits"]) == 130
+    assert INTERRUPTED in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):  # --debug shows where it was
+        launcher.main(["--debug", "experts"])
+
+
+def test_after_the_command_the_launcher_ignores_ctrl_c_while_python_shuts_down(monkeypatch):
+    """Python restores the default SIGINT action at shut-down, so a late Ctrl-C killed a finished run (exit -2)."""
+    from mttlss import __main__ as launcher
+
+    monkeypatch.setattr(launcher, "main", lambda: 0)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as done:
+            launcher.run()
+        assert done.value.code == 0 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_a_file_being_written_is_finished_before_ctrl_c_stops(tmp_path):

@@ -28,7 +28,7 @@ SRC = Path(mttlss.__file__).resolve().parents[1]  # the mttlss under test, hande
 def run_cli(*argv, env=None, timeout=120):
     base = {k: v for k, v in os.environ.items() if k != "MTTLSS_DEBUG"}
     full_env = {**base, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "mttlss.cli", *map(str, argv)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "mttlss", *map(str, argv)], capture_output=True, text=True,
                           env=full_env, timeout=timeout)
 
 

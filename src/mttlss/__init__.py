@@ -36,12 +36,24 @@ try:  # the version is defined once, in pyproject.toml; set before the imports b
 except PackageNotFoundError:  # imported from a source tree that was never installed (pip install -e .)
     __version__ = "0+unknown"
 
-from mttlss.artifact import Artifact, load, save_artifact  # noqa: E402
-from mttlss.config import DistillConfig, resolve_config  # noqa: E402
-from mttlss.distillation import distill  # noqa: E402
-from mttlss.evaluate import evaluate_artifact  # noqa: E402
-from mttlss.experts import ExpertConfig, ExpertSet, train_experts  # noqa: E402
-from mttlss.runtime import tune_allocator  # noqa: E402
+# The public names, loaded on first use (PEP 562): `import mttlss` and `python -m mttlss` stay light (no torch) until a
+# name is needed, so the command line can handle Ctrl-C from its first moment (__main__.py) and `mttlss --help` is quick.
+_EXPORTS = {"Artifact": "artifact", "load": "artifact", "save_artifact": "artifact", "DistillConfig": "config",
+            "resolve_config": "config", "distill": "distillation", "evaluate_artifact": "evaluate",
+            "ExpertConfig": "experts", "ExpertSet": "experts", "train_experts": "experts", "tune_allocator": "runtime"}
 
-__all__ = ["Artifact", "DistillConfig", "ExpertConfig", "ExpertSet", "distill", "evaluate_artifact", "load",
-           "resolve_config", "save_artifact", "train_experts", "tune_allocator", "__version__"]
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mttlss' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f"mttlss.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # once loaded, an ordinary attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -20,7 +20,7 @@ Baselines at the same storage:
 Overrides: `--set key=value` (repeatable) on top of a preset (`mttlss presets` lists them, `--preset NAME`
 or a YAML path). Unknown keys are rejected with the list of valid ones.
 
-Several processes: `mttlss experts --workers 4 ...` or `torchrun --nproc_per_node 4 -m mttlss.cli experts ...`
+Several processes: `mttlss experts --workers 4 ...` or `torchrun --nproc_per_node 4 -m mttlss experts ...`
 (each rank trains its share of the experts, one GPU per rank); `mttlss evaluate --workers 4` likewise.
 Long runs resume: rerun the same command after an interruption (experts keep their finished experts, distill
 its last checkpoint, evaluate its finished networks); a resumed run says so in one line.
@@ -472,5 +472,5 @@ def run_command(args: argparse.Namespace, *, debug: bool = False) -> int:
         return 1
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # `python -m mttlss` (mttlss/__main__.py) also handles a Ctrl-C during these imports
     sys.exit(main())

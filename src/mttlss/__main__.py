@@ -1,0 +1,43 @@
+"""`python -m mttlss` and the `mttlss` command: the command line, with Ctrl-C handled from its first moment.
+
+Why a launcher apart from cli.py: importing the CLI imports torch and every stage (about 2-3 s on a CPU). A Ctrl-C
+in that window, or while Python shuts down after the command finished, used to end the process by the signal
+itself (exit -2, a traceback or nothing) instead of the sentence and exit 130 (measured by
+scripts/fault_injection.py). Here only the standard library is imported before the try.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from mttlss.errors import DEBUG_ENV, EXIT_INTERRUPTED, INTERRUPTED
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or DEBUG_ENV in os.environ
+    try:
+        from mttlss.cli import main as cli_main  # the heavy imports: torch and every stage
+
+        code = cli_main(argv)  # Ctrl-C during a command is handled there (it knows the command's name)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"mttlss: {INTERRUPTED}", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    return code
+
+
+def run() -> None:
+    """The process entry (the `mttlss` script, `python -m mttlss`): run the command line, then exit with its code."""
+    code = main()
+    # The command is over and its files are whole. While Python shuts down it restores the default SIGINT
+    # action, under which a Ctrl-C would kill the finished process by the signal (exit -2); ignore it instead.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    run()
