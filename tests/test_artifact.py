@@ -1,4 +1,4 @@
-"""Artifact file: round trip, damaged and foreign files, results, header-only reads."""
+"""Artifact file: round trip, compact soft labels, damaged and foreign files, results, header-only reads."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 import mttlss
 from mttlss.artifact import ArtifactError, add_results, format_manifest, load, read_manifest, save_artifact
+from mttlss.labels import compact_labels, label_stats, stored_label_bytes
 from mttlss.preprocessing import Preprocessor
 from mttlss.parameterization import LowRankSet, PixelSet
 
@@ -207,3 +209,66 @@ def test_format_manifest_and_validation(tmp_path, pre):
                       preprocessor=pre, dataset=_dataset(), ipc=1)
     with pytest.raises(ValueError, match="select_on"):
         _save(tmp_path / "d.safetensors", syn, pre, selection={"select_on": "train"})
+
+
+def _stored_dtypes(path) -> dict[str, str]:
+    """The label tensors' dtypes as the file's own header records them (F32, F16, I16, I64): 8 bytes of header
+    length, then the JSON header."""
+    raw = path.read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    return {k: v["dtype"] for k, v in header.items() if k.startswith("labels")}
+
+
+@pytest.mark.parametrize("dtype, topk, file_dtypes", [
+    ("float16", None, {"labels": "F16"}),
+    ("float32", 2, {"labels_topk_values": "F32", "labels_topk_index": "I16"}),
+    ("float16", 1, {"labels_topk_values": "F16", "labels_topk_index": "I16"}),
+])
+def test_compact_labels_are_stored_compactly_and_load_as_compact_labels_gives(tmp_path, pre, dtype, topk, file_dtypes):
+    syn = _lowrank_set(pre)
+    path, labels = _save(tmp_path / "a.safetensors", syn, pre, label_dtype=dtype, label_topk=topk)
+    assert _stored_dtypes(path) == file_dtypes
+    art = load(path)
+    assert art.labels.dtype == torch.float32 and art.labels.shape == (syn.num_images, NUM_CLASSES)
+    assert torch.equal(art.labels, compact_labels(labels, dtype=dtype, topk=topk))  # the round trip, bit for bit
+    assert not torch.equal(art.labels, labels)
+    st, n = art.manifest["storage"], syn.num_images
+    assert st["label_bytes"] == n * stored_label_bytes(num_classes=NUM_CLASSES, dtype=dtype, topk=topk)
+    assert (st["label_floats"], st["label_dtype"], st["label_topk"]) == (st["label_bytes"] / 4, dtype, topk)
+    assert st["stored_floats_with_labels"] == syn.stored_floats() + st["label_floats"]
+    assert art.manifest["labels"]["mean_own_prob"] == pytest.approx(
+        label_stats(art.labels, syn.labels_hard())["mean_own_prob"], abs=1e-7)  # the labels as stored
+    assert f"{dtype}, {f'top-{topk}' if topk else 'all classes'}, {st['label_bytes']} bytes" in format_manifest(art.manifest)
+    add_results(path, {"mean": 0.5})  # rewriting the file keeps the compact form
+    assert _stored_dtypes(path) == file_dtypes and torch.equal(load(path).labels, art.labels)
+
+
+def test_an_artifact_with_float32_labels_from_before_compact_storage_loads(tmp_path, pre):
+    syn = _pixel_set(pre)
+    path, labels = _save(tmp_path / "new.safetensors", syn, pre)
+    assert _stored_dtypes(path) == {"labels": "F32"}  # the default stores what older versions stored
+    with safe_open(str(path), framework="pt") as f:
+        manifest = json.loads(f.metadata()["mttlss"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for key in ("label_bytes", "label_dtype", "label_topk"):
+        del manifest["storage"][key]  # what an older mttlss wrote
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={"mttlss": json.dumps(manifest)})
+    art = load(old)
+    assert art.label_kind == "logits" and torch.equal(art.labels, labels)
+    assert f"{labels.numel()} in labels; " in format_manifest(art.manifest)
+
+
+def test_damaged_topk_labels_are_refused(tmp_path, pre):
+    path, _ = _save(tmp_path / "a.safetensors", _pixel_set(pre), pre, label_topk=1)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["labels_topk_index"][0, 0] = NUM_CLASSES  # a class that does not exist
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(ArtifactError, match="stored labels are damaged"):
+        load(path)
+    del tensors["labels_topk_index"]
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(ArtifactError, match="tensor 'labels' is missing"):
+        load(path)

@@ -1,5 +1,6 @@
 """Labels: a class-faithful start whatever the experts say, soft or hard chosen on validation, label quality
-reported in the info, the log and the artifact, and old checkpoints and artifacts still usable."""
+reported in the info, the log and the artifact, compact storage (float16, top-k) used alike by validation and the
+artifact, and old checkpoints and artifacts still usable."""
 
 import json
 
@@ -19,12 +20,15 @@ from mttlss.experts import ExpertSet
 from mttlss.labels import (
     CONFIDENCES,
     TEMPERATURES,
+    compact_labels,
+    encode_labels,
     experts_mean_logits,
     init_soft_labels,
     label_candidates,
     label_stats,
     onehot_logits,
     raise_own_class,
+    stored_label_floats,
 )
 from mttlss.models import ParamLayout, build_model
 
@@ -106,6 +110,83 @@ def test_label_knobs_are_validated():
     with pytest.raises(ValueError, match="label_init='uniform' is not one of"):
         resolve_config(label_init="uniform")
     assert resolve_config(soft_labels=False).label_mode == "hard" and resolve_config().label_mode == "auto"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("topk", [1, 3])
+def test_topk_labels_keep_the_kept_probabilities_and_the_argmax(dtype, topk):
+    n, classes = 50, 10
+    logits = torch.randn(n, classes, generator=torch.Generator().manual_seed(0)) * 2
+    stored = encode_labels(logits, dtype=dtype, topk=topk)
+    assert sum(t.numel() * t.element_size() for t in stored.values()) == n * 4 * stored_label_floats(
+        num_classes=classes, dtype=dtype, topk=topk)
+    p = torch.softmax(logits, 1)
+    q = torch.softmax(compact_labels(logits, dtype=dtype, topk=topk), 1)
+    idx = stored["labels_topk_index"].long()
+    assert torch.equal(idx, p.topk(topk, 1).indices)
+    kept, true = q.gather(1, idx), p.gather(1, idx)
+    torch.testing.assert_close(kept, stored["labels_topk_values"].float().exp(), rtol=0, atol=1e-6)  # the stored ones
+    # rounded down, by at most one step of the stored log-probability (float32: none at all)
+    step = 0.0 if dtype == "float32" else 2.0**-10
+    assert ((kept <= true + 1e-6) & (true - kept <= true * -true.log() * step + 1e-6)).all()
+    others = torch.ones(n, classes, dtype=torch.bool).scatter(1, idx, False)
+    rest = (1 - kept.sum(1, keepdim=True)) / (classes - topk)  # the mass left, spread evenly
+    torch.testing.assert_close(q[others].view(n, classes - topk), rest.expand(n, classes - topk), rtol=0, atol=1e-6)
+    assert torch.equal(q.argmax(1), logits.argmax(1))
+
+
+def test_compact_labels_of_every_class():
+    logits = torch.randn(20, 10, generator=torch.Generator().manual_seed(1)) * 3
+    same = compact_labels(logits)
+    assert torch.equal(same, logits) and same.data_ptr() != logits.data_ptr()  # float32: unchanged, a copy
+    half = compact_labels(logits, dtype="float16")
+    assert half.dtype == torch.float32 and torch.equal(half, half.half().float())  # float16 values
+    assert torch.equal(half.argmax(1), logits.argmax(1))
+    torch.testing.assert_close(torch.softmax(half, 1), torch.softmax(logits, 1), rtol=0, atol=1e-2)
+
+
+def test_label_storage_knobs_are_validated_and_hard_labels_ignore_them(experts_dir):
+    with pytest.raises(ValueError, match=r"label_topk must be >= 1 .*got 0; null keeps every class"):
+        resolve_config(label_topk=0)
+    with pytest.raises(ValueError, match="label_dtype='bfloat16' is not one of 'float32', 'float16'"):
+        resolve_config(label_dtype="bfloat16")
+    bad_topk = r"label_topk=11 must lie in 1\.\.10 \(the 10 classes\); .*or null to store every class"
+    with pytest.raises(ValueError, match=bad_topk) as exc:
+        distill(tiny(label_topk=11), experts=experts_dir, out=None, progress=False)  # digits: 10 classes
+    assert "\n" not in str(exc.value)
+    r = distill(tiny(labels="hard", label_topk=11, label_dtype="float16"), experts=experts_dir, out=None, progress=False)
+    assert r.labels.dtype == torch.long
+
+
+def test_validation_and_the_artifact_use_the_labels_as_stored(experts_dir, tmp_path, monkeypatch):
+    seen = []  # the targets each validation trained on
+
+    def evaluate(**kw):
+        seen.append(kw["targets"])
+        return {"mean": 0.5}
+    monkeypatch.setattr(distillation, "evaluate_synthetic", evaluate)
+    out = tmp_path / "run"
+    cfg = tiny(iterations=2, eval_every=1, labels="soft", label_temperature=1.0, label_dtype="float16", label_topk=2)
+    r = distill(cfg, experts=experts_dir, out=out, progress=False)
+    assert len(seen) == 3  # the start, iterations 1 and 2
+    for targets in seen:  # the 8 classes outside each image's top 2 share what is left evenly
+        low = targets.sort(1).values[:, :8]
+        torch.testing.assert_close(low, low[:, :1].expand_as(low), rtol=0, atol=1e-7)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    learned = ckpt["state"]["labels"]  # the learnable logits keep every class at float32
+    assert learned.dtype == torch.float32 and not torch.equal(compact_labels(learned, dtype="float16", topk=2), learned)
+    y = r.synthetic.labels_hard()
+    stats = label_stats(compact_labels(learned, dtype="float16", topk=2), y)
+    assert r.history[-1]["label_own_prob"] == pytest.approx(stats["mean_own_prob"], rel=1e-6)
+    assert r.selection["iteration"] == 0  # every validation scored 0.5: the start is kept
+    assert torch.equal(r.labels, compact_labels(ckpt["best"]["labels"], dtype="float16", topk=2))
+    with safe_open(str(r.artifact), framework="pt") as f:
+        assert {k: f.get_tensor(k).dtype for k in f.keys() if k.startswith("labels")} == {
+            "labels_topk_values": torch.float16, "labels_topk_index": torch.int16}
+    art = mttlss.load(r.artifact)
+    assert torch.equal(art.labels, r.labels)
+    assert art.manifest["labels"]["mean_own_prob"] == pytest.approx(label_stats(r.labels, y)["mean_own_prob"], rel=1e-6)
+    assert art.manifest["storage"]["label_floats"] == r.synthetic.num_images * 2 * (0.5 + 0.5)
 
 
 class WrongExperts(ExpertSet):

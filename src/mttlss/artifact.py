@@ -5,16 +5,20 @@ Layout of ``<name>.safetensors`` (e.g. ``cifar10_ipc1.safetensors``):
 - ``synthetic.<name>``: the synthetic set's ``state_dict`` as stored (pixels, or mappers + codes for a
   low-rank set). The storage is what the IPC budget counts, so decoded images are *not* stored; ``load``
   rebuilds the set and decodes on demand.
-- ``labels``: [n, classes] float32 logits (soft labels; temperature in the manifest) or [n] int64 (hard). The
-  manifest's ``labels`` also says how well they carry the class (agreement = argmax is the image's class, mean
-  largest and own-class probability); ``storage.label_floats`` counts them beside the images' floats.
+- ``labels``: [n, classes] float32 or float16 logits (soft labels; temperature in the manifest) or [n] int64
+  (hard); or, for soft labels stored top-k (``label_topk``), ``labels_topk_values`` [n, k] log-probabilities
+  (float32 or float16) and ``labels_topk_index`` [n, k] int16 classes instead (``labels.encode_labels``). The
+  manifest's ``labels`` says how well the labels as stored carry the class (agreement = argmax is the image's
+  class, mean largest and own-class probability); ``storage`` counts them beside the images' floats
+  (``label_floats`` in float32-equivalents = ``label_bytes`` / 4, with ``label_dtype`` and ``label_topk``).
 - ``lr``: 0-dim float32, the learned step size alpha = the evaluation learning rate.
 - the preprocessing state under its own names (``preprocess.mean``/``preprocess.std`` or ``zca.*``), so
   the ZCA never has to be rediscovered.
 - metadata key ``"mttlss"``: the JSON manifest (dataset, budget, parameterization, labels, model, config,
   provenance, results). safetensors metadata is str -> str, so the manifest is one JSON string.
 
-``load(path)`` returns an :class:`Artifact` with the images, labels, lr and a ready-to-use test transform.
+``load(path)`` returns an :class:`Artifact` with the images, labels (soft ones as float32 logits [n, classes],
+however stored), lr and a ready-to-use test transform.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import torch.utils.data
 from mttlss import __version__
 from mttlss.errors import UserError
 from mttlss.io_utils import atomic_save_safetensors
-from mttlss.labels import label_stats
+from mttlss.labels import STORED_LABELS, decode_labels, encode_labels, label_stats
 from mttlss.parameterization import build_synthetic_set
 from mttlss.preprocessing import Preprocessor
 from mttlss.schema import Nullable, check_record, require
@@ -44,7 +48,7 @@ FORMAT = "mttlss-artifact"
 FORMAT_VERSION = 1
 METADATA_KEY = "mttlss"
 SYNTHETIC_PREFIX = "synthetic."
-_RESERVED = ("labels", "lr")
+_RESERVED = (*STORED_LABELS, "lr")  # the artifact's own tensors (the rest is the preprocessing state)
 LABEL_KINDS = ("hard", "logits")
 
 
@@ -101,10 +105,25 @@ def label_kind_of(labels: torch.Tensor) -> str:
                      f"got {labels.dtype} {tuple(labels.shape)}")
 
 
+def _label_storage(kind: str, stored: dict[str, torch.Tensor]) -> dict:
+    """The manifest's account of the stored labels: hard labels are implied by class-major order (nothing counted)."""
+    if kind == "hard":
+        return {"label_floats": 0, "label_bytes": 0, "label_dtype": None, "label_topk": None}
+    nbytes = sum(t.numel() * t.element_size() for t in stored.values())
+    values = stored.get("labels_topk_values", stored.get("labels"))
+    return {"label_floats": nbytes // 4 if nbytes % 4 == 0 else nbytes / 4, "label_bytes": int(nbytes),
+            "label_dtype": str(values.dtype).removeprefix("torch."),
+            "label_topk": int(values.shape[1]) if "labels_topk_values" in stored else None}
+
+
 def build_manifest(*, synthetic, labels: torch.Tensor, lr: float, preprocessor, dataset: dict, ipc: int,
                    model: dict | None = None, experts: dict | None = None, selection: dict | None = None,
-                   config: dict | None = None, results: list | None = None, extra: dict | None = None) -> dict:
-    """The JSON manifest of an artifact, from what the caller has (missing parts are null / defaults)."""
+                   config: dict | None = None, results: list | None = None, extra: dict | None = None,
+                   stored_labels: dict[str, torch.Tensor] | None = None) -> dict:
+    """The JSON manifest of an artifact, from what the caller has (missing parts are null / defaults).
+
+    ``labels``: as ``load`` returns them; ``stored_labels``: the tensors the file holds for them
+    (``labels.encode_labels``; None: ``labels`` as they are)."""
     c, h, w = (int(s) for s in synthetic.image_shape)
     num_classes = int(synthetic.num_classes)
     kind = label_kind_of(labels)
@@ -119,7 +138,7 @@ def build_manifest(*, synthetic, labels: torch.Tensor, lr: float, preprocessor, 
     if ds["class_names"] is not None and len(ds["class_names"]) != num_classes:
         raise ValueError(f"dataset class_names has {len(ds['class_names'])} names for {num_classes} classes")
     image_floats = synthetic.stored_floats()
-    label_floats = labels.numel() if kind == "logits" else 0  # hard labels are implied by class-major order
+    label_storage = _label_storage(kind, stored_labels if stored_labels is not None else {"labels": labels})
     sel = {"select_on": "none", "iteration": None, "score": None}
     sel.update(selection or {})
     if sel["select_on"] not in ("val", "test", "none"):
@@ -133,8 +152,8 @@ def build_manifest(*, synthetic, labels: torch.Tensor, lr: float, preprocessor, 
         "storage": {
             "budget_floats": int(ipc) * num_classes * c * h * w,
             "stored_floats_images": int(image_floats),
-            "label_floats": int(label_floats),
-            "stored_floats_with_labels": int(image_floats + label_floats),
+            **label_storage,
+            "stored_floats_with_labels": int(image_floats) + label_storage["label_floats"],
             "images_per_class": int(synthetic.images_per_class),
             "num_images": int(synthetic.num_images),
         },
@@ -171,8 +190,12 @@ def _encode(manifest: dict) -> dict[str, str]:
 
 def save_artifact(path, *, synthetic, labels: torch.Tensor, lr: float, preprocessor, dataset: dict, ipc: int,
                   model: dict | None = None, experts: dict | None = None, selection: dict | None = None,
-                  config: dict | None = None, results: list | None = None, extra: dict | None = None) -> Path:
-    """Write one artifact file atomically; returns its path. See the module docstring for the layout."""
+                  config: dict | None = None, results: list | None = None, extra: dict | None = None,
+                  label_dtype: str = "float32", label_topk: int | None = None) -> Path:
+    """Write one artifact file atomically; returns its path. See the module docstring for the layout.
+
+    Soft labels are stored in ``label_dtype``, all classes or the top ``label_topk`` (``labels.encode_labels``);
+    hard labels ignore both."""
     labels = labels.detach().cpu()
     if labels.shape[0] != synthetic.num_images:
         raise ValueError(f"{labels.shape[0]} labels for {synthetic.num_images} synthetic images; "
@@ -180,14 +203,16 @@ def save_artifact(path, *, synthetic, labels: torch.Tensor, lr: float, preproces
     if label_kind_of(labels) == "logits":
         if labels.shape[1] != synthetic.num_classes:
             raise ValueError(f"logits have {labels.shape[1]} columns for {synthetic.num_classes} classes")
-        labels = labels.float()
+        stored = encode_labels(labels, dtype=label_dtype, topk=label_topk)
+        labels = decode_labels(stored, num_classes=synthetic.num_classes)  # what load returns: the manifest scores it
     else:
-        labels = labels.long()
+        stored = {"labels": labels.long()}
+        labels = stored["labels"]
     manifest = build_manifest(synthetic=synthetic, labels=labels, lr=lr, preprocessor=preprocessor,
                               dataset=dataset, ipc=ipc, model=model, experts=experts, selection=selection,
-                              config=config, results=results, extra=extra)
+                              config=config, results=results, extra=extra, stored_labels=stored)
     tensors = {SYNTHETIC_PREFIX + k: v for k, v in synthetic.state_dict().items()}
-    tensors["labels"] = labels
+    tensors.update(stored)
     tensors["lr"] = torch.tensor(float(lr), dtype=torch.float32)
     for name, t in preprocessor.state_dict().items():
         if name in tensors or name.startswith(SYNTHETIC_PREFIX):
@@ -280,8 +305,9 @@ def _read_all(path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise
     except Exception as exc:
         raise _damaged(path, exc) from exc
-    for name in _RESERVED:
-        if name not in tensors:
+    topk = {"labels_topk_values", "labels_topk_index"} <= tensors.keys()
+    for name, present in (("labels", "labels" in tensors or topk), ("lr", "lr" in tensors)):
+        if not present:
             raise ArtifactError(f"{path}: tensor {name!r} is missing; the artifact is incomplete, re-create it.")
     return manifest, tensors
 
@@ -293,7 +319,7 @@ class Artifact:
     path: Path
     manifest: dict
     synthetic: Any  # SyntheticSet
-    labels: torch.Tensor  # [n, classes] float32 logits, or [n] int64
+    labels: torch.Tensor  # [n, classes] float32 logits (however the file stores them), or [n] int64
     lr: float
     preprocessor: Any  # Preprocessor: pixel [0, 1] <-> training space
 
@@ -360,6 +386,14 @@ class Artifact:
                 f"labels={self.label_kind}, space={self.space!r}, lr={self.lr:.4g})")
 
 
+def _loaded_labels(tensors: dict[str, torch.Tensor], *, num_classes: int) -> torch.Tensor:
+    """Hard labels [n] int64 as stored; soft ones as float32 logits [n, classes], whichever form the file holds."""
+    hard = tensors.get("labels")
+    if hard is not None and not hard.is_floating_point():
+        return hard
+    return decode_labels({k: tensors[k] for k in STORED_LABELS if k in tensors}, num_classes=num_classes)
+
+
 def load(path) -> Artifact:
     """Load an artifact file written by :func:`save_artifact`; raises ArtifactError for unusable files."""
     manifest, tensors = _read_all(path)
@@ -377,7 +411,10 @@ def load(path) -> Artifact:
     except (KeyError, ValueError, RuntimeError, TypeError) as exc:
         raise ArtifactError(f"{path}: the preprocessing state is incomplete ({exc}); re-create the artifact.") from exc
     _check_classes(path, manifest, int(synthetic.num_classes))
-    labels = tensors["labels"]
+    try:
+        labels = _loaded_labels(tensors, num_classes=int(synthetic.num_classes))
+    except (RuntimeError, ValueError, IndexError) as exc:  # e.g. a top-k class index beyond the classes
+        raise ArtifactError(f"{path}: the stored labels are damaged ({exc}); re-create the artifact.") from exc
     if labels.shape[0] != synthetic.num_images:
         raise ArtifactError(f"{path}: {labels.shape[0]} labels for {synthetic.num_images} images; re-create it.")
     return Artifact(path=path, manifest=manifest, synthetic=synthetic, labels=labels,
@@ -413,6 +450,16 @@ def _label_quality(lab: dict) -> str:
         return ""
     return (f" agreement={100 * lab['agreement']:.1f}% mean max prob={lab['mean_max_prob']:.3f} "
             f"own-class prob={lab['mean_own_prob']:.3f}")
+
+
+def _label_format(storage: dict) -> str:
+    """How soft labels are stored, e.g. " (float16, top-1, 4000 bytes)"; nothing for hard labels and for artifacts
+    written before labels could be stored compactly (float32 logits of every class)."""
+    if not storage.get("label_dtype"):
+        return ""
+    topk = storage.get("label_topk")
+    return (f" ({storage['label_dtype']}, {f'top-{topk}' if topk else 'all classes'}, "
+            f"{storage.get('label_bytes')} bytes)")
 
 
 def _memory_choice(choice: dict | None) -> list[str]:
@@ -477,7 +524,7 @@ def format_manifest(manifest: dict) -> str:
         f"  class names   {shown}",
         f"  IPC (budget)  {manifest.get('ipc')}  -> {st.get('images_per_class')} images per class, "
         f"{st.get('num_images')} images",
-        f"  storage       {used} floats in images{pct}; {st.get('label_floats')} in labels; "
+        f"  storage       {used} floats in images{pct}; {st.get('label_floats')} in labels{_label_format(st)}; "
         f"{st.get('stored_floats_with_labels')} total; budget {budget}",
         f"  synthetic     {_fmt(syn)}",
         f"  space         {pre.get('space')} ({_fmt({k: v for k, v in pre.items() if k != 'space'})})",

@@ -32,6 +32,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "precision": ("fp32", "bf16"),
     "labels": ("auto", "soft", "hard"),
     "label_init": ("experts", "onehot"),
+    "label_dtype": ("float32", "float16"),
 }
 
 
@@ -59,6 +60,11 @@ class DistillConfig:
                                       # (DATM's mean logits, the own class raised where no expert is right) | "onehot"
     label_temperature: float | None = None  # experts: logits / T; None: chosen on validation among labels.TEMPERATURES
     label_confidence: float | None = None   # onehot: own-class probability; None: chosen among labels.CONFIDENCES
+    # how the artifact stores soft labels (hard labels ignore both: class-major order implies them); validation during
+    # the run and count_labels use the stored form, the learnable logits stay float32 throughout
+    label_dtype: str = "float32"      # stored precision of the soft label values: "float32" | "float16" (half the bytes)
+    label_topk: int | None = None     # k: store only each image's k most likely classes (log-probabilities + int16 class
+                                      # indices, the rest of the mass spread evenly on load); None: every class
     lr_y: float = 2.0                 # eta_y: SGD lr of the label logits (DATM: 2 to 10)
     label_momentum: float = 0.9
 
@@ -140,6 +146,8 @@ class DistillConfig:
             raise ValueError(f"label_temperature must be positive, got {self.label_temperature} (null: chosen on validation)")
         if self.label_confidence is not None and not 0 < self.label_confidence < 1:
             raise ValueError(f"label_confidence must lie in (0, 1), got {self.label_confidence} (null: chosen on validation)")
+        if self.label_topk is not None and self.label_topk < 1:
+            raise ValueError(f"label_topk must be >= 1 (classes kept per image), got {self.label_topk}; null keeps every class")
 
     @property
     def label_mode(self) -> str:

@@ -32,7 +32,8 @@ from mttlss.errors import UserError
 from mttlss.experts import ExpertSet
 from mttlss.initialization import init_synthetic
 from mttlss.io_utils import StopRequest, atomic_torch_save, atomic_write_text
-from mttlss.labels import experts_mean_logits, label_candidates, label_stats, raise_own_class
+from mttlss.labels import (check_label_storage, compact_labels, experts_mean_logits, label_candidates, label_stats,
+                           raise_own_class)
 from mttlss.matching import (
     InnerSteps,
     batch_schedule,
@@ -84,7 +85,7 @@ class DistillResult:
     out: Path | None
     artifact: Path | None
     synthetic: SyntheticSet
-    labels: torch.Tensor                # logits [n, classes] or hard [n]
+    labels: torch.Tensor                # logits [n, classes] as the artifact stores them, or hard [n]
     syn_lr: float
     selection: dict
     history: list[dict]
@@ -139,6 +140,8 @@ def _setup(config: DistillConfig, *, experts: str | Path | ExpertSet, out: str |
         raise DistillError(f"batch_syn={cfg.batch_syn} is smaller than the {dist.world_size} ranks that share each batch; "
                            f"raise batch_syn or launch fewer ranks")
     data = data if data is not None else load_recorded(experts.dataset, source=f"the experts in {experts.folder}")
+    if cfg.label_mode != "hard":  # label_topk against the classes, before the initialisation's minutes
+        check_label_storage(num_classes=data.num_classes, dtype=cfg.label_dtype, topk=cfg.label_topk)
     pre = experts.preprocessor().to(device)
     model = build_model(experts.model, channels=data.channels, num_classes=data.num_classes, image_size=data.image_size).to(device)
     layout = experts.check_model(model)
@@ -231,7 +234,8 @@ def _pick_soft(run: _Run, state: DistillState, candidates: list[tuple[float, tor
     rows = []
     for value, logits in candidates:
         state.label_logits = logits
-        rows.append({knob: value, "val_acc": _validate(run, state) if score else None, **label_stats(logits, y)})
+        rows.append({knob: value, "val_acc": _validate(run, state) if score else None,
+                     **label_stats(stored_labels(run.cfg, logits), y)})
     best = max(range(len(rows)), key=lambda i: rows[i]["val_acc"]) if score else 0  # max keeps the first of ties
     state.label_logits = candidates[best][1]
     value = candidates[best][0]
@@ -274,7 +278,8 @@ def _choose_labels(run: _Run, state: DistillState) -> dict:
         why = "labels=soft was set"
     if state.label_logits is not None:
         state.label_logits = state.label_logits.detach().clone().requires_grad_(True)
-    record.update(mode=chosen, why=why, start=label_stats(state.label_logits if chosen == "soft" else y, y))
+    start = stored_labels(cfg, state.label_logits) if chosen == "soft" else y
+    record.update(mode=chosen, why=why, start=label_stats(start, y))
     if all(v is not None for v in accs.values()):
         record["val_acc"] = accs
     return record
@@ -481,10 +486,18 @@ def _timed_step(run: _Run, state: DistillState) -> dict[str, Any]:
 # validation, checkpoints, artifact
 
 
-def targets_of(state: DistillState) -> torch.Tensor:
-    """Evaluation targets: softmax of the label logits [n, classes], or hard labels [n]."""
+def stored_labels(cfg: DistillConfig, logits: torch.Tensor) -> torch.Tensor:
+    """The label logits [n, classes] as the artifact will hold them (``label_dtype``, ``label_topk``): what validation
+    trains on and what the label statistics describe, so the selected set is scored as it will be used. The
+    learnable logits themselves stay float32 during the optimisation: rounded every step, SGD's small updates to
+    them would vanish, and top-k would cut the gradient to the other classes."""
+    return compact_labels(logits.detach(), dtype=cfg.label_dtype, topk=cfg.label_topk)
+
+
+def targets_of(cfg: DistillConfig, state: DistillState) -> torch.Tensor:
+    """Evaluation targets: softmax of the label logits as stored [n, classes], or hard labels [n]."""
     if state.label_logits is not None:
-        return soft_targets(state.label_logits.detach())
+        return soft_targets(stored_labels(cfg, state.label_logits))
     return state.synthetic.labels_hard()
 
 
@@ -495,7 +508,7 @@ def validate(cfg, state, *, model_spec, data, x_val, device) -> float:
     with torch.no_grad():
         images = state.synthetic.decode().detach()
     try:
-        res = evaluate_synthetic(images=images, targets=targets_of(state), x_test=x_val, y_test=data.y_val,
+        res = evaluate_synthetic(images=images, targets=targets_of(cfg, state), x_test=x_val, y_test=data.y_val,
                                  model_spec=model_spec, num_classes=data.num_classes, lr=state.syn_lr.item(),
                                  recipe=recipe, runs=cfg.eval_runs, seed=cfg.seed, device=device, ipc=cfg.ipc,
                                  eval_split="val")
@@ -515,7 +528,7 @@ def _validate_if_due(run: _Run, state: DistillState, record: dict[str, Any]) -> 
     cfg = run.cfg
     due = state.iteration == cfg.iterations or (cfg.eval_every and state.iteration % cfg.eval_every == 0)
     if due and state.label_logits is not None:  # hard labels carry the class by construction
-        stats = label_stats(state.label_logits, state.synthetic.labels_hard())
+        stats = label_stats(stored_labels(cfg, state.label_logits), state.synthetic.labels_hard())
         record.update(label_agreement=stats["agreement"], label_max_prob=stats["mean_max_prob"],
                       label_own_prob=stats["mean_own_prob"])
     if cfg.select_on == "val" and len(run.x_val) and due:
@@ -726,13 +739,15 @@ def _finish(run: _Run, state: DistillState, *, description: dict, info: dict, hi
     selection, final = _select(cfg, state)
     syn = build_synthetic_set(description)
     syn.load_state_dict(final["synthetic"])
-    labels = final["labels"] if final["labels"] is not None else syn.labels_hard()
+    learned = final["labels"]  # [n, classes] full-precision logits, or None for hard labels
+    labels = syn.labels_hard() if learned is None else stored_labels(cfg, learned)  # as the artifact holds them
     artifact = None
     finished = out is not None and run.is_main and state.iteration == cfg.iterations
     if finished and not ran and (out / ARTIFACT).exists():
         artifact = out / ARTIFACT  # a finished run rerun: keep its artifact (and the results recorded in it)
     elif finished:
-        artifact = _write_artifact(run, syn=syn, labels=labels, lr=final["lr"], selection=selection, info=info, argv=argv)
+        artifact = _write_artifact(run, syn=syn, labels=labels if learned is None else learned, lr=final["lr"],
+                                   selection=selection, info=info, argv=argv)
         _save_grid(out / "final_grid.png", syn=syn, pre=run.pre, data=run.data)
         _plot_curves(out)
     return DistillResult(out=out, artifact=artifact, synthetic=syn, labels=labels, syn_lr=float(final["lr"]),
@@ -741,13 +756,16 @@ def _finish(run: _Run, state: DistillState, *, description: dict, info: dict, hi
 
 def _write_artifact(run: _Run, *, syn: SyntheticSet, labels: torch.Tensor, lr: float, selection: dict, info: dict,
                     argv: list[str] | None) -> Path:
+    """``labels``: the learned logits [n, classes] at full precision (stored per label_dtype and label_topk, which
+    gives exactly ``stored_labels``), or hard labels [n]."""
     experts = run.experts
     experts_ref = {"path": str(experts.folder.resolve()), "num_experts": len(experts.indices), "epochs": experts.epochs,
                    "identity": experts.manifest.get("identity")}
     return save_artifact(run.out / ARTIFACT, synthetic=syn, labels=labels, lr=lr, preprocessor=run.pre.to("cpu"),
                          dataset=dataset_record(run.data, data_root=experts.dataset.get("data_root")), ipc=run.cfg.ipc,
                          model=experts.model, experts=experts_ref, selection=selection, config=run.cfg.to_dict(),
-                         extra={"init": info, "argv": argv if argv is not None else sys.argv})
+                         extra={"init": info, "argv": argv if argv is not None else sys.argv},
+                         label_dtype=run.cfg.label_dtype, label_topk=run.cfg.label_topk)
 
 
 def _save_grid(path: Path, *, syn: SyntheticSet, pre: Preprocessor, data: RealData) -> None:

@@ -12,6 +12,10 @@ initial images) is class-faithful: every initial label has its maximum at the im
 
 Why raise the own class: with weak experts most images have no correct expert, and the all-experts mean then
 names another class (measured: 36 % agreement on 100 classes, issue 11); such a label teaches the wrong class.
+
+How soft labels are stored (``label_dtype``, ``label_topk``; method.md section 6): ``encode_labels`` gives the
+artifact's tensors, ``decode_labels`` the logits back, and ``compact_labels`` is the two in a row, so what a run
+validates on is what its artifact holds.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from mttlss.config import CHOICES
 from mttlss.models import ParamLayout
 
 # the candidates the start chooses among on the validation split (each costs one validation training); the
@@ -30,6 +35,9 @@ TEMPERATURES = (1.0, 0.5, 0.25)   # 1: the experts' own sharpness (DATM); lower:
 CONFIDENCES = (0.6, 0.9)          # one-hot labels smoothed to this probability of the own class
 # logits, before the temperature: the own class ends e^1 = 2.7x as likely as the runner-up where it was raised
 RAISE_MARGIN = 1.0
+# the artifact's names of stored soft labels: all classes' logits, or the top k as log-probabilities + class indices
+STORED_LABELS = ("labels", "labels_topk_values", "labels_topk_index")
+_INDEX_DTYPE = torch.int16  # 2 bytes per kept class: up to 32,768 classes
 
 
 @torch.no_grad()
@@ -113,3 +121,77 @@ def label_stats(labels: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     p = torch.softmax(labels.detach().float(), dim=1)
     return {"agreement": float((p.argmax(1) == y).float().mean()), "mean_max_prob": float(p.max(1).values.mean()),
             "mean_own_prob": float(p.gather(1, y[:, None]).mean())}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# storage
+
+
+def check_label_storage(*, num_classes: int, dtype: str, topk: int | None) -> None:
+    """Raise ValueError, naming the fix, when soft labels of ``num_classes`` classes cannot be stored so."""
+    if dtype not in CHOICES["label_dtype"]:
+        raise ValueError(f"label_dtype={dtype!r} is not one of {', '.join(map(repr, CHOICES['label_dtype']))}")
+    limit = min(num_classes, torch.iinfo(_INDEX_DTYPE).max + 1)
+    if topk is not None and not 1 <= topk <= limit:
+        why = f"the {num_classes} classes" if limit == num_classes else "int16 class indices"
+        raise ValueError(f"label_topk={topk} must lie in 1..{limit} ({why}); set it in that range, or null to store "
+                         f"every class")
+
+
+def stored_label_bytes(*, num_classes: int, dtype: str = "float32", topk: int | None = None) -> int:
+    """Bytes one image's soft label takes in the artifact: classes values, or k values plus k int16 indices."""
+    check_label_storage(num_classes=num_classes, dtype=dtype, topk=topk)
+    value = torch.finfo(getattr(torch, dtype)).bits // 8
+    if topk is None:
+        return num_classes * value
+    return topk * (value + torch.iinfo(_INDEX_DTYPE).bits // 8)
+
+
+def stored_label_floats(*, num_classes: int, dtype: str = "float32", topk: int | None = None) -> float:
+    """One image's stored soft label in float32-equivalents (bytes / 4: a float16 value or an int16 index is 0.5),
+    the unit the storage budget counts in."""
+    return stored_label_bytes(num_classes=num_classes, dtype=dtype, topk=topk) / 4
+
+
+def _round_down(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``values`` in ``dtype``, rounded toward -inf: stored log-probabilities never exceed the true ones, so the
+    mass left for the other classes on load is never negative."""
+    out = values.to(dtype)
+    return torch.where(out.float() > values, torch.nextafter(out, torch.full_like(out, float("-inf"))), out)
+
+
+@torch.no_grad()
+def encode_labels(logits: torch.Tensor, *, dtype: str = "float32", topk: int | None = None) -> dict[str, torch.Tensor]:
+    """The artifact's tensors for soft labels ``logits`` [n, classes], on the CPU as the file holds them.
+
+    ``topk`` None: ``"labels"`` [n, classes], the logits in ``dtype`` (float16: shifted so each row's largest is
+    0, where float16 is finest; softmax ignores the shift). ``topk`` k: ``"labels_topk_values"`` [n, k], the k
+    largest log-probabilities in ``dtype`` (rounded down), and ``"labels_topk_index"`` [n, k] int16, their classes."""
+    check_label_storage(num_classes=logits.shape[1], dtype=dtype, topk=topk)
+    logits = logits.detach().float().cpu()
+    if topk is None:
+        if dtype == "float32":
+            return {"labels": logits.clone()}  # as the learnable logits are: no change at all (a copy, not a view)
+        return {"labels": (logits - logits.max(1, keepdim=True).values).to(getattr(torch, dtype))}
+    values, index = torch.log_softmax(logits, dim=1).topk(topk, dim=1)
+    return {"labels_topk_values": _round_down(values, getattr(torch, dtype)), "labels_topk_index": index.to(_INDEX_DTYPE)}
+
+
+def decode_labels(stored: dict[str, torch.Tensor], *, num_classes: int) -> torch.Tensor:
+    """Float32 logits [n, classes] from ``encode_labels``' tensors. Top-k: the mass the k classes leave is spread
+    evenly over the other classes, so the softmax gives each kept class exactly its stored probability."""
+    if "labels_topk_values" not in stored:
+        return stored["labels"].float()
+    values = stored["labels_topk_values"].float()               # [n, k] log-probabilities
+    index = stored["labels_topk_index"].long()                  # [n, k] classes
+    others = max(num_classes - values.shape[1], 1)              # k = classes leaves none: every column is set below
+    rest = (1.0 - values.exp().sum(1)).clamp_min(torch.finfo(torch.float32).tiny) / others  # [n] each other class
+    out = rest.log()[:, None].repeat(1, num_classes)
+    return out.scatter(1, index, values)
+
+
+def compact_labels(logits: torch.Tensor, *, dtype: str = "float32", topk: int | None = None) -> torch.Tensor:
+    """Logits [n, classes] float32, on ``logits``' device: exactly what an artifact stores of ``logits`` and loads
+    back (identity for float32 and every class)."""
+    stored = encode_labels(logits, dtype=dtype, topk=topk)
+    return decode_labels(stored, num_classes=logits.shape[1]).to(logits.device)
