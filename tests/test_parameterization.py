@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
+from mttlss.labels import stored_label_floats
 from mttlss.parameterization import (
     Budget,
     BudgetError,
@@ -52,6 +54,27 @@ def test_budget_table_labels_counted(num_classes, ipc, expected):
     settings = [(4, "diag"), (4, "full"), (8, "diag"), (8, "full"), (16, "full")]
     got = [n_per_class(num_classes=num_classes, ipc=ipc, rank=r, code=c, count_labels=True) for r, c in settings]
     assert got == expected
+
+
+def test_budget_counts_compact_labels_at_their_stored_size():
+    # CIFAR-10, IPC 1, r = 4 full, one subspace per class: 30720 - 7680 mapper floats = 23040 for 10 x n images of
+    # 48 code floats + L label floats: L = 10 (float32, all classes) -> 39, 5 (float16) -> 43, 1.5 (float32 top-1:
+    # a value and an int16 index) -> 46, 1 (float16 top-1) -> 47 images per class
+    kw = dict(num_classes=10, image_shape=CIFAR, ipc=1, rank=4, code="full", subspaces="per_class", count_labels=True)
+    stored = [("float32", None), ("float16", None), ("float32", 1), ("float16", 1)]
+    sizes = [stored_label_floats(num_classes=10, dtype=dtype, topk=topk) for dtype, topk in stored]
+    assert sizes == [10, 5, 1.5, 1]
+    assert [solve_budget(**kw, label_floats_per_image=L).images_per_class for L in sizes] == [39, 43, 46, 47]
+    assert solve_budget(**kw).images_per_class == 39  # None: float32 logits of every class, as before
+    b = solve_budget(**kw, label_floats_per_image=1.5)
+    assert b.label_floats == 46 * 10 * 1.5 and b.stored_floats(with_labels=True) <= b.budget_floats
+    half = solve_budget(num_classes=3, image_shape=CIFAR, ipc=1, param="pixel", label_floats_per_image=1.5)
+    assert half.label_floats == 4.5  # float16 logits of 3 classes: 3 images x 1.5
+    report = budget_report(**kw, label_floats_per_image=1)
+    assert re.search(r"4 \*\s+full\s+48\s+\d+\s+47\s+30710$", report, re.MULTILINE), report
+    assert "soft labels (1 float per image, as stored)" in report
+    with pytest.raises(ValueError, match="label_floats_per_image must be positive"):
+        solve_budget(**kw, label_floats_per_image=0)
 
 
 def test_budget_two_subspaces_per_class_ipc1():

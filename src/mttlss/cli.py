@@ -56,6 +56,7 @@ from mttlss.evaluate import EVAL_SPLITS, evaluate_artifact, evaluate_full_data, 
 from mttlss.experts import ExpertConfig, ExpertSet, import_reference, train_experts
 from mttlss.export import FORMATS, export
 from mttlss.io_utils import atomic_write_json
+from mttlss.labels import stored_label_floats
 from mttlss.models import model_spec
 from mttlss.parameterization import budget_report
 from mttlss.preprocessing import CONVENTIONS, Preprocessor
@@ -125,9 +126,11 @@ def _print_expert_validity(experts) -> None:
 
 def cmd_budget(args) -> int:
     shape, classes = _shape_of(args.dataset, args.data_root)
+    per_label = stored_label_floats(num_classes=classes, dtype=args.label_dtype, topk=args.label_topk)
     print(budget_report(num_classes=classes, image_shape=shape, ipc=args.ipc, param="lowrank", rank=args.rank, code=args.code,
                         subspaces=args.subspaces, num_subspaces=args.num_subspaces, share_channels=args.share_channels,
-                        count_labels=args.count_labels, max_images_per_class=args.max_images_per_class))
+                        count_labels=args.count_labels, label_floats_per_image=per_label,
+                        max_images_per_class=args.max_images_per_class))
     return 0
 
 
@@ -325,6 +328,9 @@ def _parser_budget(sub) -> None:
     p.add_argument("--num-subspaces", type=int, default=1)
     p.add_argument("--share-channels", action="store_true")
     p.add_argument("--count-labels", action="store_true", help="charge soft labels against the budget")
+    p.add_argument("--label-dtype", default=DistillConfig.label_dtype, choices=CHOICES["label_dtype"],
+                   help="stored precision of soft labels, as distill's label_dtype")
+    p.add_argument("--label-topk", type=int, default=None, help="classes kept per soft label, as distill's label_topk")
     p.add_argument("--max-images-per-class", type=int, default=None)
     p.set_defaults(func=cmd_budget)
 

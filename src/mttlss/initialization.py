@@ -18,16 +18,19 @@ from torch import nn
 from mttlss.config import DistillConfig
 from mttlss.data import RealData
 from mttlss.experts import ExpertSet
-from mttlss.labels import expert_logits
+from mttlss.labels import expert_logits, stored_label_floats
 from mttlss.models import ParamLayout
 from mttlss.parameterization import Budget, LowRankSet, PixelSet, SyntheticSet, solve_budget
 
 
 def _budget(cfg: DistillConfig, data: RealData) -> Budget:
+    soft = cfg.label_mode != "hard"  # hard labels store nothing: label_dtype and label_topk do not apply
+    per_label = (stored_label_floats(num_classes=data.num_classes, dtype=cfg.label_dtype, topk=cfg.label_topk)
+                 if soft else None)
     return solve_budget(
         num_classes=data.num_classes, image_shape=(data.channels, *data.image_size), ipc=cfg.ipc, param=cfg.param,
         rank=cfg.rank, code=cfg.code, subspaces=cfg.subspaces, num_subspaces=cfg.num_subspaces,
-        share_channels=cfg.share_channels, count_labels=cfg.count_labels and cfg.label_mode != "hard",
+        share_channels=cfg.share_channels, count_labels=cfg.count_labels and soft, label_floats_per_image=per_label,
         max_images_per_class=cfg.max_images_per_class,
     )
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -100,11 +101,11 @@ class BudgetError(ValueError):
 
 @dataclass(frozen=True)
 class Budget:
-    """Storage accounting of one setting (floats, i.e. tensor elements).
+    """Storage accounting of one setting (floats, i.e. tensor elements, or float32-equivalents = bytes / 4).
 
-    ``label_floats`` is the size of soft labels for this many images (images_per_class * classes * classes),
-    whether or not they were counted against the budget; ``labels_counted`` says whether the image count was
-    reduced to make room for them.
+    ``label_floats`` is the size of soft labels for this many images as stored (images_per_class * classes *
+    the label floats per image: classes for float32 logits, less for float16 or top-k), whether or not they were
+    counted against the budget; ``labels_counted`` says whether the image count was reduced to make room for them.
     """
 
     images_per_class: int
@@ -112,10 +113,10 @@ class Budget:
     budget_floats: int  # IPC * classes * C * H * W (the "same storage" rule)
     mapper_floats: int  # dimension mappers (0 for pixel)
     code_floats: int  # basis vectors / codes (or pixels for the pixel set)
-    label_floats: int  # soft labels: images_per_class * classes * classes
+    label_floats: int | float  # soft labels as stored, float32-equivalents (a half where float16 or int16 leave one)
     labels_counted: bool
 
-    def stored_floats(self, *, with_labels: bool) -> int:
+    def stored_floats(self, *, with_labels: bool) -> int | float:
         return self.mapper_floats + self.code_floats + (self.label_floats if with_labels else 0)
 
     def as_dict(self) -> dict:
@@ -138,27 +139,34 @@ def _code_floats_per_image(*, image_shape, rank, code) -> int:
     return c * rank * rank if code == "full" else c * rank
 
 
+def _floats(value: Fraction) -> int | float:
+    """A float count as an int where it is whole (float16 and int16 storage can leave a half float32)."""
+    return int(value) if value.denominator == 1 else float(value)
+
+
 def _lowrank_images_per_class(*, num_classes, image_shape, ipc, rank, code, subspaces, num_subspaces,
-                              share_channels, count_labels) -> int:
-    """Uncapped n = floor((budget - mappers) / (classes * (s + L))); may be <= 0."""
+                              share_channels, count_labels, label_floats) -> int:
+    """Uncapped n = floor((budget - mappers) / (classes * (s + L))), exact (L a Fraction); may be <= 0."""
     c, h, w = image_shape
     budget = ipc * num_classes * c * h * w
     mappers = _mapper_floats(image_shape=image_shape, rank=rank, subspaces=subspaces,
                              num_subspaces=num_subspaces, num_classes=num_classes, share_channels=share_channels)
     s = _code_floats_per_image(image_shape=image_shape, rank=rank, code=code)
-    per_image = s + (num_classes if count_labels else 0)
-    return (budget - mappers) // (num_classes * per_image)
+    per_image = s + (label_floats if count_labels else 0)
+    return int((budget - mappers) // (num_classes * per_image))
 
 
 def solve_budget(*, num_classes: int, image_shape: tuple[int, int, int], ipc: int, param: str = "lowrank",
                  rank: int = 4, code: str = "full", subspaces: str = "per_class", num_subspaces: int = 1,
                  share_channels: bool = False, count_labels: bool = False,
-                 max_images_per_class: int | None = None) -> Budget:
+                 label_floats_per_image: float | None = None, max_images_per_class: int | None = None) -> Budget:
     """Images per class and stored floats for one setting (method.md 5.3).
 
     pixel: images_per_class = ipc (``count_labels`` only records the flag; pixel sets are never shrunk).
     lowrank (form A): n = floor((IPC*classes*C*H*W - mappers) / (classes * (s + L))), capped by
-    ``max_images_per_class``; raises ``BudgetError`` when n < 1.
+    ``max_images_per_class``; raises ``BudgetError`` when n < 1. L = ``label_floats_per_image`` when
+    ``count_labels``, else 0: one soft label as stored, in float32-equivalents (``labels.stored_label_floats``);
+    None means classes (float32 logits of every class).
     """
     _check_choice("param", param, PARAMS)
     _check_positive_int("num_classes", num_classes)
@@ -166,18 +174,22 @@ def solve_budget(*, num_classes: int, image_shape: tuple[int, int, int], ipc: in
     image_shape = _check_image_shape(image_shape)
     if max_images_per_class is not None:
         _check_positive_int("max_images_per_class", max_images_per_class)
+    if label_floats_per_image is not None and not label_floats_per_image > 0:
+        raise ValueError(f"label_floats_per_image must be positive, got {label_floats_per_image}; None: classes")
+    label_floats = Fraction(num_classes if label_floats_per_image is None else label_floats_per_image)
     c, h, w = image_shape
     budget = ipc * num_classes * c * h * w
 
     if param == "pixel":
         return Budget(images_per_class=ipc, num_classes=num_classes, budget_floats=budget, mapper_floats=0,
-                      code_floats=budget, label_floats=ipc * num_classes * num_classes,
+                      code_floats=budget, label_floats=_floats(ipc * num_classes * label_floats),
                       labels_counted=bool(count_labels))
 
     _check_lowrank_args(rank=rank, code=code, subspaces=subspaces, num_subspaces=num_subspaces,
                         image_shape=image_shape)
     kw = dict(num_classes=num_classes, image_shape=image_shape, ipc=ipc, code=code, subspaces=subspaces,
-              num_subspaces=num_subspaces, share_channels=share_channels, count_labels=count_labels)
+              num_subspaces=num_subspaces, share_channels=share_channels, count_labels=count_labels,
+              label_floats=label_floats)
     n = _lowrank_images_per_class(rank=rank, **kw)
     if n < 1:
         raise BudgetError(_budget_error_message(rank=rank, **kw))
@@ -187,7 +199,7 @@ def solve_budget(*, num_classes: int, image_shape: tuple[int, int, int], ipc: in
                              num_subspaces=num_subspaces, num_classes=num_classes, share_channels=share_channels)
     s = _code_floats_per_image(image_shape=image_shape, rank=rank, code=code)
     return Budget(images_per_class=n, num_classes=num_classes, budget_floats=budget, mapper_floats=mappers,
-                  code_floats=n * num_classes * s, label_floats=n * num_classes * num_classes,
+                  code_floats=n * num_classes * s, label_floats=_floats(n * num_classes * label_floats),
                   labels_counted=bool(count_labels))
 
 
@@ -243,11 +255,13 @@ def budget_report(**kwargs) -> str:
     c, h, w = image_shape
     head = (f"budget: IPC {kw['ipc']} x {kw['num_classes']} classes x {c}x{h}x{w} = "
             f"{kw['ipc'] * kw['num_classes'] * c * h * w} floats")
+    size = kw.get("label_floats_per_image") or kw["num_classes"]  # one soft label as stored, float32-equivalents
+    per_label = f"{size:g} float{'' if size == 1 else 's'} per image"
     if param == "pixel":
         b = solve_budget(**kw)
         return "\n".join([head, "param pixel", f"images per class: {b.images_per_class}",
-                          f"stored floats: {b.stored_floats(with_labels=False)} "
-                          f"(+ {b.label_floats} for soft labels = {b.stored_floats(with_labels=True)})"])
+                          f"stored floats: {b.stored_floats(with_labels=False)} (+ {b.label_floats} for soft labels, "
+                          f"{per_label}, = {b.stored_floats(with_labels=True)})"])
     rank = kw.get("rank", 4)
     _check_rank(rank, image_shape)
     ranks = sorted({r for r in (2, 4, 8, 16, rank) if r <= min(h, w)})
@@ -271,7 +285,7 @@ def budget_report(**kwargs) -> str:
     for row in rows:
         lines.append("  ".join(cell.rjust(wd) for cell, wd in zip(row, widths)))
     lines.append("* = requested setting; '-' = infeasible; 'stored' = mappers + codes, "
-                 "'stored(+labels)' adds soft labels (images x classes floats)")
+                 f"'stored(+labels)' adds soft labels ({per_label}, as stored)")
     return "\n".join(lines)
 
 
