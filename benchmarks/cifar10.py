@@ -24,7 +24,8 @@ the same recipe on the test split (tested once, after the last epoch, mean +- st
     MTT-LSS, hard labels      no label floats at all
 
 Every soft-label row shows its label floats beside the image floats: soft labels are storage too, which DATM
-and TESLA leave out of the budget (they are not stored compactly here: float32 logits, images x classes).
+and TESLA leave out of the budget (float32 logits, images x classes, unless --override sets label_dtype or
+label_topk to store them compactly).
 
 On a CPU the sets are built and tested in ``--workers`` one-thread processes side by side (default 2; see
 ``_worker_init`` for the measurement behind it); the worker count changes the wall-clock time, not the protocol.
