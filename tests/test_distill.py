@@ -269,3 +269,115 @@ def test_a_run_whose_every_update_was_skipped_says_so(experts, capsys):
     distill(tiny(iterations=_STALL_AFTER, threshold=0.0), experts=experts, out=None, progress=False)
     err = capsys.readouterr().err
     assert f"all {_STALL_AFTER} updates were skipped" in err and "threshold=0" in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ema_decay: an EMA of the synthetic set (method.md 11.4)
+
+
+def _state(syn):
+    return {k: v.detach().clone() for k, v in syn.state_dict().items()}
+
+
+def test_ema_update_is_the_hand_computed_average_of_every_factor():
+    from mttlss.ema import averaged_set, new_ema, update_ema
+    from mttlss.parameterization import LowRankSet
+
+    syn = LowRankSet(num_classes=2, image_shape=(1, 4, 4), images_per_class=2, rank=2, subspaces="shared")
+    gen = torch.Generator().manual_seed(0)
+    values = [{k: torch.randn(v.shape, generator=gen) for k, v in syn.state_dict().items()} for _ in range(3)]
+    syn.load_state_dict(values[0])
+    ema = new_ema(syn, 0.9)
+    for v in values[1:]:  # two updates
+        syn.load_state_dict(v)
+        update_ema(ema, syn)
+    got = averaged_set(ema).state_dict()
+    assert set(got) == {"mappers_U", "mappers_V", "codes"}  # the mappers and the codes, all of them
+    for k in got:
+        expected = 0.9 * (0.9 * values[0][k] + 0.1 * values[1][k]) + 0.1 * values[2][k]
+        torch.testing.assert_close(got[k], expected, atol=1e-6, rtol=0)
+        assert not torch.equal(got[k], values[2][k])
+    assert int(ema.n_averaged) == 3 and not any(p.requires_grad for p in averaged_set(ema).parameters())
+    assert new_ema(syn, None) is None and new_ema(syn, 0.0) is None  # off
+
+
+def test_ema_validation_selection_and_artifact_use_the_average_of_the_raw_sets(experts, tmp_path, monkeypatch):
+    import mttlss.distillation as distillation
+
+    decay, k_max = 0.5, 3
+    knobs = dict(labels="soft", label_temperature=1.0, eval_every=1)  # one label candidate: no validation chooses it
+    raw = [distill(tiny(iterations=k, select_on="none", **knobs), experts=experts, out=None, progress=False)
+           for k in range(k_max + 1)]  # raw[k]: the set after k iterations, without an average
+    seen, scores = [], iter(range(100))
+
+    def fake_evaluate(*, images, **kw):  # each validation scores higher: the last one is selected
+        seen.append(images.clone())
+        return {"mean": next(scores) / 100}
+
+    monkeypatch.setattr(distillation, "evaluate_synthetic", fake_evaluate)
+    r = distill(tiny(iterations=k_max, ema_decay=decay, **knobs), experts=experts, out=tmp_path / "ema", progress=False)
+    expected = _state(raw[0].synthetic)
+    for k in range(1, k_max + 1):
+        if not raw[k].history[-1]["skipped"]:
+            expected = {n: decay * e + (1 - decay) * raw[k].synthetic.state_dict()[n] for n, e in expected.items()}
+    art = mttlss.load(r.artifact)
+    final_raw = _state(raw[k_max].synthetic)
+    for n, e in expected.items():
+        torch.testing.assert_close(art.synthetic.state_dict()[n], e, atol=1e-6, rtol=0)
+        assert (art.synthetic.state_dict()[n] - final_raw[n]).abs().max() > 1e-3, n  # not the raw set
+    torch.testing.assert_close(r.labels, raw[k_max].labels, atol=1e-6, rtol=0)  # labels are not averaged
+    assert r.syn_lr == pytest.approx(raw[k_max].syn_lr, abs=1e-9)  # nor is alpha
+    assert len(seen) == k_max + 1 and torch.equal(seen[-1], art.images())  # validation scored the average
+    sel = art.manifest["selection"]
+    assert sel["iteration"] == k_max and sel["set"] == "ema" and sel["ema_decay"] == decay
+    assert art.manifest["config"]["ema_decay"] == decay
+    from mttlss.artifact import format_manifest
+
+    assert "set=ema (ema_decay=0.5)" in format_manifest(art.manifest)
+
+
+def test_ema_survives_an_interrupted_run_bit_for_bit(experts, tmp_path):
+    from safetensors import safe_open
+
+    def tensors(path):
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+
+    cfg = dict(ema_decay=0.8, eval_every=4)  # iteration 4 is validated in both runs
+    a = distill(tiny(iterations=8, **cfg), experts=experts, out=tmp_path / "a", progress=False)
+    distill(tiny(iterations=4, **cfg), experts=experts, out=tmp_path / "b", progress=False)  # interrupted after 4
+    ckpt = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert ckpt["iteration"] == 4 and int(ckpt["ema"]["n_averaged"]) > 1
+    assert not torch.equal(ckpt["ema"]["module.codes"], ckpt["state"]["synthetic"]["codes"])  # an average to restore
+    b = distill(tiny(iterations=8, **cfg), experts=experts, out=tmp_path / "b", progress=False)
+    ta, tb = tensors(a.artifact), tensors(b.artifact)
+    assert ta.keys() == tb.keys() and "synthetic.codes" in ta
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), key
+    assert b.selection == a.selection and a.selection["set"] == "ema"
+    ea = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["ema"]
+    eb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["ema"]
+    assert all(torch.equal(ea[key], eb[key]) for key in ea)
+
+
+def test_ema_is_not_updated_by_a_skipped_iteration(experts, tmp_path):
+    distill(tiny(iterations=3, threshold=0.0, ema_decay=0.5, select_on="none"), experts=experts, out=tmp_path / "r",
+            progress=False)
+    ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    assert int(ckpt["ema"]["n_averaged"]) == 1  # only its start: every update was skipped
+    for key, value in ckpt["state"]["synthetic"].items():
+        assert torch.equal(ckpt["ema"][f"module.{key}"], value), key
+
+
+@pytest.mark.parametrize("decay", [1.0, 1.5, -0.1, float("nan")])
+def test_ema_decay_outside_0_1_is_refused_naming_the_fix(decay):
+    with pytest.raises(ValueError, match=r"ema_decay must lie in \[0, 1\).*null or 0 to turn the average off"):
+        tiny(ema_decay=decay)
+
+
+def test_ema_decay_is_a_set_override(experts):
+    from mttlss.config import parse_set
+
+    assert resolve_config(overrides=parse_set(["ema_decay=0.9995"])).ema_decay == 0.9995
+    r = distill(tiny(iterations=2, ema_decay=0, select_on="none"), experts=experts, out=None, progress=False)
+    assert "set" not in r.selection  # 0 is off: the raw set

@@ -536,7 +536,8 @@ def format_manifest(manifest: dict) -> str:
         f"  model         {_fmt(manifest.get('model'))}",
         f"  experts       {_fmt(manifest.get('experts'))}",
         f"  selection     select_on={sel.get('select_on')} iteration={sel.get('iteration')} "
-        f"score={_fmt(sel.get('score'))}",
+        f"score={_fmt(sel.get('score'))}"
+        + (f" set=ema (ema_decay={sel.get('ema_decay')})" if sel.get("set") == "ema" else ""),
         f"  provenance    mttlss {prov.get('mttlss_version')}, torch {prov.get('torch_version')}, "
         f"python {prov.get('python')}, git {prov.get('git_revision')}, created {prov.get('created')}",
         f"  command       {' '.join(prov.get('argv') or [])}",

@@ -107,6 +107,9 @@ class DistillConfig:
     eval_epoch_mode: str = "decoded"  # "decoded" | "budget" (method.md 11.2)
     eval_batch_size: int = 256
     select_on: str = "val"            # "val": keep the synthetic set with the best validation accuracy | "none": the last
+    ema_decay: float | None = None    # an EMA of the synthetic set's factors (pixels, or mappers and codes; not labels or
+                                      # alpha), updated after every applied update, is what validation, selection and the
+                                      # artifact use (FTD: 0.999 to 0.9999, method.md 11.4); None or 0: off, the raw set
     device: str | None = None         # None: cuda when present, else cpu
     tensorboard: bool = False         # also log to TensorBoard (needs the `tensorboard` extra)
     wandb: bool = False               # also log to Weights & Biases (needs the `wandb` extra; offline without an account)
@@ -130,6 +133,9 @@ class DistillConfig:
         if self.lr_mapper is not None and self.lr_mapper < 0:
             raise ValueError(f"lr_mapper must be >= 0, got {self.lr_mapper}")
         self._validate_labels()
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}: set e.g. 0.999 (FTD uses 0.999 to "
+                             "0.9999), or null or 0 to turn the average off")
         if self.max_start_epoch <= self.min_start_epoch:
             raise ValueError("max_start_epoch (T+) must exceed min_start_epoch (T-)")
         if self.progressive and not (self.min_start_epoch < self.current_max_start_epoch <= self.max_start_epoch):

@@ -4,7 +4,7 @@ Read top to bottom: ``distill()`` sets up (experts, data, model: ``_setup``), st
 fresh synthetic set with its labels and optimisers (``_start``), then per iteration runs ``outer_step()``,
 validates now and then, hands the record to the sinks (``records.py``: log.jsonl, progress bar, TensorBoard)
 and checkpoints atomically; finally it writes the artifact of the synthetic set selected on the validation
-split (``_finish``).
+split (``_finish``). With ema_decay, validation, selection and the artifact use an EMA of the set (``ema.py``).
 
 Every iteration's randomness (which expert, start epoch, minibatches, DSA) comes from a generator seeded by
 (seed, iteration), so a resumed run repeats exactly what an uninterrupted run would have done.
@@ -22,12 +22,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from mttlss.artifact import save_artifact
 from mttlss.augment import DSAConfig
 from mttlss.config import DistillConfig
 from mttlss.data import RealData, dataset_record, load_recorded
 from mttlss.distributed import init_distributed, reduce_partial_grads, world
+from mttlss.ema import averaged_set, ema_state, new_ema, update_ema
 from mttlss.errors import UserError
 from mttlss.experts import ExpertSet
 from mttlss.initialization import init_synthetic
@@ -78,6 +80,7 @@ class DistillState:
     consecutive_skips: int = 0
     total_skips: int = 0
     best: dict[str, Any] = field(default_factory=dict)   # {"iteration", "val_acc", "synthetic", "labels", "lr"}
+    ema: AveragedModel | None = None    # ema_decay: the EMA of the synthetic set's parameters (``ema.py``), else None
 
 
 @dataclass(kw_only=True)
@@ -199,7 +202,8 @@ def _fresh_state(run: _Run, *, x_train: torch.Tensor) -> tuple[DistillState, dic
     syn, info = init_synthetic(cfg, data=run.data, x_train=x_train, model=run.model, layout=run.layout,
                                experts=experts, device=device)
     syn_lr = torch.tensor(cfg.lr_teacher, device=device, requires_grad=True)
-    return DistillState(iteration=0, synthetic=syn, label_logits=None, syn_lr=syn_lr, optimizers={}), info
+    return DistillState(iteration=0, synthetic=syn, label_logits=None, syn_lr=syn_lr, optimizers={},
+                        ema=new_ema(syn, cfg.ema_decay)), info
 
 
 def _soft_candidates(run: _Run, syn: SyntheticSet) -> tuple[list[tuple[float, torch.Tensor]], dict]:
@@ -300,7 +304,7 @@ def _start(run: _Run) -> tuple[DistillState, dict, bool]:
     if run.cfg.select_on == "val" and len(run.x_val) and (run.cfg.iterations > 0 or scored is not None):
         # the initialisation competes too: the selected set is never worse on validation than where it started
         info["init_val_acc"] = scored if scored is not None else _validate(run, state)
-        state.best = {"iteration": 0, "val_acc": info["init_val_acc"], **_snapshot(state)}
+        state.best = {"iteration": 0, "val_acc": info["init_val_acc"], **_selectable(state)}
     return state, info, False
 
 
@@ -469,6 +473,7 @@ def outer_step(cfg: DistillConfig, state: DistillState, *, model, layout: ParamL
         return record
     state.consecutive_skips = 0
     _update(cfg, state, loss=loss, record=record)
+    update_ema(state.ema, state.synthetic)  # applied updates only: a skipped iteration leaves the average as it is
     return record
 
 
@@ -484,6 +489,12 @@ def _timed_step(run: _Run, state: DistillState) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------------
 # validation, checkpoints, artifact
+
+
+def evaluated_set(state: DistillState) -> SyntheticSet:
+    """The set that validation scores, selection keeps and the artifact holds: the EMA with ema_decay, else the set
+    being optimised. Both decode to [n, C, H, W] in the training space and share the labels and alpha."""
+    return averaged_set(state.ema) if state.ema is not None else state.synthetic
 
 
 def stored_labels(cfg: DistillConfig, logits: torch.Tensor) -> torch.Tensor:
@@ -502,11 +513,12 @@ def targets_of(cfg: DistillConfig, state: DistillState) -> torch.Tensor:
 
 
 def validate(cfg, state, *, model_spec, data, x_val, device) -> float:
-    """Validation accuracy of networks trained on the current synthetic set (never the test split)."""
+    """Validation accuracy of networks trained on ``evaluated_set(state)`` (the EMA with ema_decay, else the current
+    set) with the current labels and alpha; never the test split."""
     recipe = EvalRecipe(name="distill-val", epochs=cfg.eval_epochs, batch_size=cfg.eval_batch_size,
                         dsa=cfg.dsa, dsa_strategy=cfg.dsa_strategy, epoch_mode=cfg.eval_epoch_mode)
     with torch.no_grad():
-        images = state.synthetic.decode().detach()
+        images = evaluated_set(state).decode().detach()  # [n, C, H, W] training space
     try:
         res = evaluate_synthetic(images=images, targets=targets_of(cfg, state), x_test=x_val, y_test=data.y_val,
                                  model_spec=model_spec, num_classes=data.num_classes, lr=state.syn_lr.item(),
@@ -534,15 +546,23 @@ def _validate_if_due(run: _Run, state: DistillState, record: dict[str, Any]) -> 
     if cfg.select_on == "val" and len(run.x_val) and due:
         record["val_acc"] = _validate(run, state)
         if record["val_acc"] > state.best.get("val_acc", -1.0):
-            state.best = {"iteration": state.iteration, "val_acc": record["val_acc"], **_snapshot(state)}
+            state.best = {"iteration": state.iteration, "val_acc": record["val_acc"], **_selectable(state)}
 
 
-def _snapshot(state: DistillState) -> dict[str, Any]:
+def _snapshot(state: DistillState, syn: SyntheticSet | None = None) -> dict[str, Any]:
+    """CPU copies of a set's state dict (``syn``; by default the set being optimised, what a checkpoint resumes
+    from), of the label logits [n, classes] (or None) and of alpha."""
+    syn = state.synthetic if syn is None else syn
     return {
-        "synthetic": {k: v.detach().cpu().clone() for k, v in state.synthetic.state_dict().items()},
+        "synthetic": {k: v.detach().cpu().clone() for k, v in syn.state_dict().items()},
         "labels": None if state.label_logits is None else state.label_logits.detach().cpu().clone(),
         "lr": state.syn_lr.item(),
     }
+
+
+def _selectable(state: DistillState) -> dict[str, Any]:
+    """The snapshot that selection keeps and the artifact holds: ``evaluated_set`` (the EMA with ema_decay)."""
+    return _snapshot(state, evaluated_set(state))
 
 
 def save_checkpoint(out: Path, *, cfg: DistillConfig, state: DistillState, description: dict, info: dict,
@@ -553,6 +573,7 @@ def save_checkpoint(out: Path, *, cfg: DistillConfig, state: DistillState, descr
         "description": json.dumps(description),
         "init_info": json.dumps(info),
         "state": _snapshot(state),
+        "ema": None if state.ema is None else ema_state(state.ema),
         "optimizers": {k: o.state_dict() for k, o in state.optimizers.items()},
         "consecutive_skips": state.consecutive_skips,
         "total_skips": state.total_skips,
@@ -606,7 +627,10 @@ def load_checkpoint(out: Path, *, cfg: DistillConfig, device: str, experts: Expe
     syn_lr = torch.tensor(ckpt["state"]["lr"], device=device, requires_grad=True)
     state = DistillState(iteration=ckpt["iteration"], synthetic=syn, label_logits=label_logits, syn_lr=syn_lr,
                          optimizers=_optimizers(cfg, syn=syn, label_logits=label_logits, syn_lr=syn_lr),
-                         consecutive_skips=ckpt["consecutive_skips"], total_skips=ckpt["total_skips"], best=ckpt["best"])
+                         consecutive_skips=ckpt["consecutive_skips"], total_skips=ckpt["total_skips"], best=ckpt["best"],
+                         ema=new_ema(syn, cfg.ema_decay))
+    if state.ema is not None:  # ema_decay is compared with the stored config, so a checkpoint with it holds an "ema"
+        state.ema.load_state_dict(ckpt["ema"])
     for k, opt in state.optimizers.items():
         opt.load_state_dict(ckpt["optimizers"][k])
     return state, json.loads(ckpt["init_info"])
@@ -651,7 +675,8 @@ def _say_resumed(run: _Run, state: DistillState) -> None:
               f"{state.iteration}); nothing to train", file=sys.stderr)
         return
     kept = f"; best on validation so far: iteration {best}" if best is not None else ""
-    print(f"distill: resuming {run.out} from its checkpoint at iteration {state.iteration} (synthetic set, labels, "
+    ema = ", its EMA" if state.ema is not None else ""
+    print(f"distill: resuming {run.out} from its checkpoint at iteration {state.iteration} (synthetic set{ema}, labels, "
           f"step size and optimiser state kept{kept}); continuing to iteration {cfg.iterations}", file=sys.stderr)
 
 
@@ -711,10 +736,13 @@ def distill(config: DistillConfig, *, experts: str | Path | ExpertSet, out: str 
 
 
 def _select(cfg: DistillConfig, state: DistillState) -> tuple[dict, dict]:
+    """The manifest's selection record and the snapshot it names (the EMA's, with ema_decay: then the record says so)."""
+    averaged = {"set": "ema", "ema_decay": cfg.ema_decay} if state.ema is not None else {}
     if cfg.select_on == "val" and state.best:
         return {"select_on": "val", "iteration": state.best["iteration"], "score": state.best["val_acc"],
-                "metric": "validation accuracy"}, state.best
-    return {"select_on": "none", "iteration": state.iteration, "score": None, "metric": None}, _snapshot(state)
+                "metric": "validation accuracy", **averaged}, state.best
+    last = {"select_on": "none", "iteration": state.iteration, "score": None, "metric": None, **averaged}
+    return last, _selectable(state)
 
 
 # Seen on CIFAR-10 with experts trained for one epoch (benchmarks/cifar10.py --expert-epochs 1, 2026-12-01): the
