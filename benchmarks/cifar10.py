@@ -7,6 +7,7 @@
     python benchmarks/cifar10.py --scale paper        # the field's protocol (needs a GPU and hours)
     python benchmarks/cifar10.py --expert-epochs 1 --ipcs 1 \
         --methods lowrank_init_hard lowrank_init_soft lowrank lowrank_soft   # weak experts: one epoch each (own folder)
+    python benchmarks/cifar10.py --expert-optimizer gsam  # GSAM experts (FTD's, DATM's), about twice the expert time (own folder)
     python benchmarks/cifar10.py --smoke --ipcs 1     # ~14 min on 2 cores: the pipeline runs; the numbers mean nothing
 
 The same experts serve every method. At each IPC storage budget it builds these sets and evaluates each with
@@ -118,9 +119,11 @@ SMOKE = {"experts": {"num_experts": 2, "epochs": 1}, "eval": {"runs": 1, "epochs
          "matching": {"eval_epochs": 10, "eval_every": 0}, "max_iterations": 2}
 
 
-def plan_for(scale: str, *, expert_epochs: int | None, smoke: bool) -> dict:
-    """The scale's sizes, with the experts' epochs overridden and the smoke check's reductions applied."""
+def plan_for(scale: str, *, expert_epochs: int | None, smoke: bool, expert_optimizer: str = "sgd") -> dict:
+    """The scale's sizes, with the experts' epochs and optimiser overridden and the smoke check's reductions applied."""
     plan = copy.deepcopy(SCALES[scale])
+    if expert_optimizer != "sgd":  # GSAM with ExpertConfig's rho and alpha (method.md section 4)
+        plan["experts"]["optimizer"] = expert_optimizer
     if smoke:
         for key in ("experts", "eval", "matching"):
             plan[key].update(SMOKE[key])
@@ -244,6 +247,8 @@ def _cost(cfg) -> float:
 
 
 def main() -> int:
+    from mttlss.experts import OPTIMIZERS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     ap.add_argument("--ipcs", type=int, nargs="+", default=[1, 10])
@@ -255,6 +260,8 @@ def main() -> int:
                     help="one-thread processes side by side (default: 2 on a CPU of 2+ cores, 1 on a GPU)")
     ap.add_argument("--expert-epochs", type=int, default=None,
                     help="train the experts for this many epochs (1: weak experts); the matching window shrinks to fit")
+    ap.add_argument("--expert-optimizer", choices=OPTIMIZERS, default="sgd",
+                    help="the experts' optimiser: sgd (MTT's) or gsam (FTD's and DATM's flatter experts); own folder")
     ap.add_argument("--override", default="{}", metavar="JSON",
                     help="DistillConfig overrides for every distilled row, e.g. '{\"threshold\": 1e9}' (use another --out)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: check that the pipeline runs (about 14 min on 2 cores)")
@@ -268,9 +275,10 @@ def main() -> int:
     override = json.loads(args.override)
     on_gpu = (args.device or "").startswith("cuda") or (args.device is None and torch.cuda.is_available())
     workers = args.workers or (1 if on_gpu else min(2, os.cpu_count() or 1))
-    plan = plan_for(args.scale, expert_epochs=args.expert_epochs, smoke=args.smoke)
+    plan = plan_for(args.scale, expert_epochs=args.expert_epochs, smoke=args.smoke, expert_optimizer=args.expert_optimizer)
     # other experts or sizes, another folder: a run never reuses experts or sets made for other settings
     out = Path(args.out) / (args.scale + (f"_experts{args.expert_epochs}ep" if args.expert_epochs else "")
+                            + (f"_{args.expert_optimizer}-experts" if args.expert_optimizer != "sgd" else "")
                             + ("_smoke" if args.smoke else ""))
     t_start = time.time()
     stage(f"experts: {plan['experts']} model {plan['model']}; {workers} worker(s)")

@@ -142,3 +142,55 @@ def test_import_rejects_wrong_shapes(tmp_path):
         import_reference([tmp_path / "replay_buffer_0.pt"], tmp_path / "imported",
                          cfg=ExpertConfig(dataset="digits", model=model_spec("convnet", width=16, depth=2), val_fraction=0.0,
                                           normalization="computed"))
+
+
+def test_gsam_experts_record_their_optimiser_and_load_back(tmp_path):
+    out = tmp_path / "gsam"
+    ex = train_experts(_cfg(epochs=1, optimizer="gsam", gsam_alpha=1.0), out, progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["optimizer"] == {"name": "gsam", "base": "sgd", "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0,
+                              "batch_size": 128, "schedule": "constant", "rho": 0.01, "rho_schedule": "constant",
+                              "alpha": 1.0}
+    assert (m["identity"]["optimizer"], m["identity"]["gsam_rho"], m["identity"]["gsam_alpha"]) == ("gsam", 0.01, 1.0)
+    back = ExpertSet(out)
+    assert back.indices == [0] and back.trajectory(0).shape == (2, back.num_params)
+    # the same seed, another optimiser: the same initialisation (row 0), another first epoch
+    sgd = train_experts(_cfg(epochs=1), tmp_path / "sgd", progress=False)
+    assert torch.equal(sgd.trajectory(0)[0], ex.trajectory(0)[0])
+    assert not torch.equal(sgd.trajectory(0)[1], ex.trajectory(0)[1])
+    # SGD folders keep the identity they had before GSAM existed, so they still resume
+    assert not {"optimizer", "gsam_rho", "gsam_alpha"} & set(sgd.manifest["identity"])
+
+
+def test_resume_with_another_optimiser_is_refused(tmp_path):
+    out = tmp_path / "ex"
+    train_experts(_cfg(epochs=1, optimizer="gsam"), out, progress=False)
+    with pytest.raises(ExpertError, match="trained with --optimizer gsam --gsam-rho 0.01 --gsam-alpha 0.3, not --optimizer sgd"):
+        train_experts(_cfg(epochs=1), out, progress=False)
+    with pytest.raises(ExpertError, match="not --optimizer gsam --gsam-rho 0.05"):
+        train_experts(_cfg(epochs=1, optimizer="gsam", gsam_rho=0.05), out, progress=False)
+    assert train_experts(_cfg(num_experts=2, epochs=1, optimizer="gsam"), out, progress=False).indices == [0, 1]
+    sgd = tmp_path / "sgd"
+    train_experts(_cfg(epochs=1), sgd, progress=False)
+    with pytest.raises(ExpertError, match="trained with --optimizer sgd, not --optimizer gsam"):
+        train_experts(_cfg(epochs=1, optimizer="gsam"), sgd, progress=False)
+
+
+@pytest.mark.parametrize("kw", [dict(optimizer="adam"), dict(optimizer="gsam", gsam_rho=-1.0)])
+def test_bad_optimiser_settings_are_refused(kw):
+    with pytest.raises(ExpertError, match="pass"):
+        _cfg(**kw)
+
+
+def test_cli_optimizer_flags(tmp_path, capsys):
+    from mttlss import cli
+
+    base = ["experts", "--dataset", "digits", "--width", "8", "--depth", "1", "--num-experts", "1", "--epochs", "1",
+            "--batch-size", "128"]
+    assert cli.main([*base, "--optimizer", "gsam", "--gsam-alpha", "1", "--out", str(tmp_path / "ex")]) == 0
+    m = json.loads((tmp_path / "ex" / "manifest.json").read_text())
+    assert (m["optimizer"]["name"], m["optimizer"]["rho"], m["optimizer"]["alpha"]) == ("gsam", 0.01, 1.0)
+    capsys.readouterr()
+    assert cli.main([*base, "--gsam-rho", "0.05", "--out", str(tmp_path / "sgd")]) == 2
+    assert "--gsam-rho is only for GSAM experts; add --optimizer gsam, or drop it" in capsys.readouterr().err
+    assert not (tmp_path / "sgd").exists()

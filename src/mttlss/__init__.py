@@ -7,6 +7,7 @@ The pipeline, one module per stage; each module uses only modules above it in th
     preprocessing   pixel space <-> training space (mean/std normalisation, ZCA)
     models          networks, their registry, and the flat parameter layout [P] of trajectories
     augment         DSA (differentiable siamese augmentation)
+    gsam            GSAM, sharpness-aware steps around SGD (an expert-training option)
     training        losses, one epoch, accuracy, one or several seeded networks trained and tested
     experts         expert trajectories: train, store, read
     parameterization  pixel / low-rank synthetic sets and the storage-budget solver

@@ -53,7 +53,7 @@ from mttlss.distributed import init_distributed
 from mttlss.errors import (DEBUG_ENV, EXIT_INTERRUPTED, EXIT_USER_ERROR, INTERRUPTED, DiskFullError, UserError,
                            is_disk_full, is_user_error, out_of_memory, user_message)
 from mttlss.evaluate import EVAL_SPLITS, evaluate_artifact, evaluate_full_data, format_results, get_recipe, record_results
-from mttlss.experts import ExpertConfig, ExpertSet, import_reference, train_experts
+from mttlss.experts import OPTIMIZERS, ExpertConfig, ExpertSet, import_reference, train_experts
 from mttlss.export import FORMATS, export
 from mttlss.io_utils import atomic_write_json
 from mttlss.labels import stored_label_floats
@@ -93,7 +93,8 @@ def cmd_experts(args) -> int:
     cfg = ExpertConfig(dataset=args.dataset, data_root=args.data_root, model=_model_spec(args), num_experts=args.num_experts,
                        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, preprocess="zca" if args.zca else "normalize",
                        dsa=not args.no_dsa, seed=args.seed, channels_last=args.fast, bf16=args.fast or args.bf16,
-                       compile=args.fast or args.compile, device=args.device, **_normalization_args(args))
+                       compile=args.fast or args.compile, device=args.device, **_normalization_args(args),
+                       **_optimizer_args(args))
     experts = train_experts(cfg, _out_folder(args.out), workers=args.workers)
     if init_distributed().is_main:  # under torchrun, one rank reports
         print(f"preprocessing: {experts.preprocessor().describe()}")
@@ -110,6 +111,17 @@ def cmd_experts_import(args) -> int:
     print(f"preprocessing: {experts.preprocessor().describe()}")
     _print_expert_validity(experts)
     return 0
+
+
+def _optimizer_args(args) -> dict:
+    """ExpertConfig's optimiser keywords from --optimizer / --gsam-rho / --gsam-alpha (the GSAM ones only with gsam)."""
+    given = {k: v for k, v in (("gsam_rho", args.gsam_rho), ("gsam_alpha", args.gsam_alpha)) if v is not None}
+    if given and args.optimizer != "gsam":
+        flags = " and ".join(f"--{k.replace('_', '-')}" for k in given)
+        one = len(given) == 1
+        raise UserError(f"{flags} {'is' if one else 'are'} only for GSAM experts; add --optimizer gsam, or drop "
+                        f"{'it' if one else 'them'}")
+    return {"optimizer": args.optimizer, **given}
 
 
 def _normalization_args(args) -> dict:
@@ -287,6 +299,14 @@ def _parser_experts(sub) -> None:
     p.add_argument("--num-experts", type=int, default=10)
     p.add_argument("--epochs", type=int, default=50, help="E; must be >= max_start_epoch - 1 + expert_epochs")
     p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
+                   help="sgd: MTT's plain SGD; gsam: GSAM steps around it, FTD's and DATM's flatter experts (twice the "
+                        "forward/backward work)")
+    p.add_argument("--gsam-rho", type=float, default=None,
+                   help=f"with --optimizer gsam: the perturbation radius, constant (default {ExpertConfig.gsam_rho})")
+    p.add_argument("--gsam-alpha", type=float, default=None,
+                   help=f"with --optimizer gsam: the surrogate-gap weight (default {ExpertConfig.gsam_alpha}, FTD's "
+                        "CIFAR-10 IPC 1/10 and DATM's value; FTD uses 1 for CIFAR-10 IPC 50 and CIFAR-100)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--zca", action="store_true", help="ZCA whitening (eps 0.1) instead of mean/std normalisation")
     _add_normalization_args(p)

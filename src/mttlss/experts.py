@@ -34,6 +34,7 @@ from mttlss.augment import DSAConfig
 from mttlss.data import RealData, canonical_name, dataset_record, load_dataset
 from mttlss.distributed import DistInfo, barrier, init_distributed, map_in_processes, shard
 from mttlss.errors import UserError
+from mttlss.gsam import GSAM
 from mttlss.io_utils import atomic_save_safetensors, atomic_write_json
 from mttlss.models import ParamLayout, build_model, flatten_params, model_spec
 from mttlss.preprocessing import NORMALIZATION, Preprocessor
@@ -104,6 +105,11 @@ class ExpertConfig:
     lr: float = 0.01                # the field's expert recipe: plain SGD at 0.01, constant
     momentum: float = 0.0
     weight_decay: float = 0.0
+    # "sgd" (MTT) | "gsam": GSAM steps around that SGD, FTD's and DATM's flatter experts (method.md section 4;
+    # rho 0.01, alpha 0.3: FTD's CIFAR-10 IPC 1/10 value and DATM's; FTD uses 1 for CIFAR-10 IPC 50 and CIFAR-100)
+    optimizer: str = "sgd"
+    gsam_rho: float = 0.01          # constant, as in FTD's expert script
+    gsam_alpha: float = 0.3
     batch_size: int = 256
     preprocess: str = "normalize"   # "normalize" | "zca"
     zca_eps: float = 0.1
@@ -126,11 +132,24 @@ class ExpertConfig:
     compile: bool = False           # torch.compile the network
     device: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ExpertError(f"optimizer={self.optimizer!r} is not one of {', '.join(map(repr, OPTIMIZERS))}; "
+                              "pass --optimizer sgd or --optimizer gsam")
+        for name in ("gsam_rho", "gsam_alpha"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ExpertError(f"{name}={value!r} must be a finite number >= 0; pass e.g. "
+                                  f"--{name.replace('_', '-')} {getattr(ExpertConfig, name)}")
+
     def identity(self) -> dict[str, Any]:
         """The settings that define the experts (a rerun must agree on these to resume)."""
         d = asdict(self)
         for k in ("num_experts", "data_root", "device"):
             d.pop(k)
+        if d["optimizer"] == "sgd":  # GSAM's settings do not apply to SGD experts
+            d.pop("gsam_rho")
+            d.pop("gsam_alpha")
         # settings added later are part of the identity only when set, so folders written before them still resume
         for k, default in _LATER_DEFAULTS.items():
             if d[k] == default:
@@ -141,7 +160,8 @@ class ExpertConfig:
         return d
 
 
-_LATER_DEFAULTS = {"normalization": None, "mean": None, "std": None, "fit_on": "train"}
+_LATER_DEFAULTS = {"normalization": None, "mean": None, "std": None, "fit_on": "train", "optimizer": "sgd"}
+OPTIMIZERS = ("sgd", "gsam")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -193,7 +213,7 @@ def train_expert(index: int, cfg: ExpertConfig, *, data: RealData, pre: Preproce
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if cfg.compile else model
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = _optimizer(cfg, model)
     pre = pre.to(device)
     x_train, y_train = pre(data.x_train.to(device)), data.y_train.to(device)  # training space
     x_val, y_val = pre(data.x_val.to(device)), data.y_val.to(device)
@@ -217,6 +237,23 @@ def train_expert(index: int, cfg: ExpertConfig, *, data: RealData, pre: Preproce
         "val_acc": torch.tensor(val_accs, dtype=torch.float32),
         "seed": seed,
     }
+
+
+def _optimizer(cfg: ExpertConfig, model: torch.nn.Module) -> torch.optim.Optimizer | GSAM:
+    """The experts' SGD (constant lr), or GSAM steps around it."""
+    sgd = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return sgd
+    return GSAM(base=sgd, rho=cfg.gsam_rho, alpha=cfg.gsam_alpha, buffers=model.buffers())
+
+
+def optimizer_record(cfg: ExpertConfig) -> dict[str, Any]:
+    """The manifest's ``optimizer``: SGD's settings, and GSAM's around them."""
+    sgd = {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size,
+           "schedule": "constant"}
+    if cfg.optimizer == "sgd":
+        return {"name": "sgd", **sgd}
+    return {"name": "gsam", "base": "sgd", **sgd, "rho": cfg.gsam_rho, "rho_schedule": "constant", "alpha": cfg.gsam_alpha}
 
 
 def expert_path(out: Path, index: int) -> Path:
@@ -251,8 +288,7 @@ def _manifest(cfg: ExpertConfig, *, data: RealData, pre: Preprocessor, layout: P
         "model": cfg.model,
         "parameter_layout": layout.as_list(),
         "num_params": layout.num_params,
-        "optimizer": {"name": "sgd", "lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
-                      "batch_size": cfg.batch_size, "schedule": "constant"},
+        "optimizer": optimizer_record(cfg),
         "augmentation": {"dsa": cfg.dsa, "strategy": cfg.dsa_strategy if cfg.dsa else None},
         "epochs": cfg.epochs,
         "seeds": f"expert k uses seed {cfg.seed} + k",
@@ -262,17 +298,34 @@ def _manifest(cfg: ExpertConfig, *, data: RealData, pre: Preprocessor, layout: P
     }
 
 
+def _optimizer_flags(identity: dict) -> str:
+    """The command-line flags that ask for the optimiser an identity records (SGD when it records none)."""
+    if identity.get("optimizer", "sgd") == "sgd":
+        return "--optimizer sgd"
+    return f"--optimizer gsam --gsam-rho {identity.get('gsam_rho')} --gsam-alpha {identity.get('gsam_alpha')}"
+
+
+def _check_same_experts(cfg: ExpertConfig, out: Path, *, stored: dict) -> None:
+    """Refuse to add experts to ``out`` that another optimiser or other settings would train."""
+    requested = cfg.identity()
+    if _optimizer_flags(stored) != _optimizer_flags(requested):
+        raise ExpertError(
+            f"{out} holds experts trained with {_optimizer_flags(stored)}, not {_optimizer_flags(requested)}; "
+            "resume it with those flags, or train these experts into another --out folder"
+        )
+    if stored != requested:
+        diff = {k: (stored.get(k), requested.get(k)) for k in sorted({*stored, *requested}) if stored.get(k) != requested.get(k)}
+        raise ExpertError(
+            f"{out} already holds experts trained with other settings {diff} (stored, requested); "
+            "use another --out folder, or repeat the original command to resume it"
+        )
+
+
 def _prepare_folder(cfg: ExpertConfig, out: Path) -> tuple[RealData, Preprocessor, ParamLayout]:
     """Load data, fit or restore preprocessing, write manifest + preprocessing state (once)."""
     manifest_file = out / "manifest.json"
     if manifest_file.exists():
-        old = read_manifest(out)
-        if old.get("identity") != cfg.identity():
-            diff = {k: (old.get("identity", {}).get(k), v) for k, v in cfg.identity().items() if old.get("identity", {}).get(k) != v}
-            raise ExpertError(
-                f"{out} already holds experts trained with other settings {diff} (stored, requested); "
-                "use another --out folder, or repeat the original command to resume it"
-            )
+        _check_same_experts(cfg, out, stored=read_manifest(out).get("identity") or {})
     data, pre = _data_and_preprocessor(cfg, out if manifest_file.exists() else None)
     model = build_model(cfg.model, channels=data.channels, num_classes=data.num_classes, image_size=data.image_size)
     layout = ParamLayout.of(model)

@@ -8,7 +8,7 @@ from ``main``: every function here does one thing and knows nothing about artifa
   probabilities, soft cross-entropy); learnable soft labels are logits, turned into probabilities by
   ``soft_targets`` (softmax, temperature 1), so ``soft_label_loss`` = ``label_loss(logits, soft_targets(z))``;
 - ``epoch_batches``: the shuffled mini-batches of one epoch;
-- ``train_one_epoch`` / ``evaluate_accuracy``: one pass of SGD, top-1 accuracy;
+- ``train_one_epoch`` / ``evaluate_accuracy``: one pass of SGD (or of GSAM steps around it), top-1 accuracy;
 - ``EvalRecipe``: the knobs of one evaluation network (SGD, lr decay, DSA, epoch length); the field's named,
   versioned recipes are the evaluation protocol and live in ``mttlss.evaluate``;
 - ``train_and_test``: one seeded network, tested once after its last epoch; ``evaluate_synthetic``: several
@@ -34,6 +34,7 @@ from mttlss.augment import DSAConfig, dsa
 from mttlss.config import CHOICES
 from mttlss.distributed import gather, init_distributed, map_in_processes, shard
 from mttlss.errors import UserError
+from mttlss.gsam import GSAM
 from mttlss.io_utils import atomic_write_json
 from mttlss.models import build_model, model_spec
 
@@ -90,7 +91,7 @@ def epoch_batches(n: int, *, batch_size: int, steps: int | None, generator: torc
 
 def train_one_epoch(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | GSAM,  # GSAM: two forward/backward passes per batch, on the same batch
     *,
     x: Tensor,  # [N, C, H, W], training space, already on the model's device
     targets: Tensor,  # int64 [N] (CE) or float [N, K] probabilities (soft CE)
@@ -102,7 +103,7 @@ def train_one_epoch(
     bf16: bool = False,  # bf16 autocast for forward/backward (the fast path; parameters stay float32)
     channels_last: bool = False,
 ) -> float:
-    """One epoch of SGD; returns the mean training loss over the batches."""
+    """One epoch of SGD (or GSAM); returns the mean training loss over the batches (at the weights before each step)."""
     model.train()
     total, count = torch.zeros((), device=x.device), 0
     for idx in epoch_batches(x.shape[0], batch_size=batch_size, steps=steps, generator=generator):
@@ -112,14 +113,25 @@ def train_one_epoch(
             xb = dsa(xb, config=dsa_config, generator=dsa_generator or generator)
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=xb.device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = label_loss(model(xb), tb)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = _step(model, optimizer, xb=xb, tb=tb, bf16=bf16)
         total += loss.detach()
         count += 1
     return float(total) / max(count, 1)  # one host sync per epoch, not per batch
+
+
+def _step(model: nn.Module, optimizer: torch.optim.Optimizer | GSAM, *, xb: Tensor, tb: Tensor, bf16: bool) -> Tensor:
+    """One optimiser step on the batch ``xb`` [B, C, H, W] / ``tb``; returns the loss before the step."""
+    def batch_loss() -> Tensor:
+        with torch.autocast(device_type=xb.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return label_loss(model(xb), tb)
+
+    if isinstance(optimizer, GSAM):
+        return optimizer.step(batch_loss)
+    loss = batch_loss()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
 
 
 @torch.no_grad()
