@@ -2,7 +2,9 @@
 
 For each command (experts, distill, evaluate) on a small digits problem it makes one uninterrupted reference run,
 then, ``--kills`` times, starts the same command in a fresh folder, sends SIGKILL or SIGINT at a moment drawn
-uniformly over the reference run's duration (so some land before the first file, some after), checks the files
+uniformly over the reference run's duration (so some land before the first file, some after; a SIGINT is drawn
+after the bare interpreter's start-up time, measured first: before that no mttlss code runs, and Python itself
+answers a Ctrl-C there with a fatal error or a death by the signal), checks the files
 left behind, reruns the command to completion and compares its result with the reference:
 
     python scripts/fault_injection.py --kills 20 --out scripts/results/fault_injection.json   # the full run (~20-30 min on 2 cores)
@@ -144,6 +146,16 @@ def _prepare(work: Path, names: list[str]) -> None:
             sys.exit(f"preparing {argv[0]} failed:\n{proc.stderr}")
 
 
+def _startup_seconds() -> float:
+    """Median wall time of a bare ``python -c pass`` in the runs' environment (site imports included)."""
+    times = []
+    for _ in range(3):
+        t0 = time.time()
+        subprocess.run([sys.executable, "-c", "pass"], env=_env(), check=True)
+        times.append(time.time() - t0)
+    return sorted(times)[1]
+
+
 def _reference(cmd: Command, work: Path) -> tuple[object, float]:
     folder = work / cmd.name / "reference"
     t0 = time.time()
@@ -199,14 +211,18 @@ def main(argv: list[str] | None = None) -> int:
         names = [n.strip() for n in args.commands.split(",")]
         _prepare(work, names)
         commands = _commands(work)
-        report = {"kills_per_command": args.kills, "seed": args.seed, "summary": [], "runs": {}}
+        startup = _startup_seconds()
+        report = {"kills_per_command": args.kills, "seed": args.seed, "python_startup_seconds": round(startup, 3),
+                  "summary": [], "runs": {}}
         for name in names:
             cmd = commands[name]
             expected, seconds = _reference(cmd, work)
             rows = []
             for i in range(args.kills):
                 folder = work / cmd.name / f"kill_{i:03d}"
-                row = _kill_and_rerun(cmd, folder, delay=rng.uniform(0.0, 1.1 * seconds), sig=rng.choice(signals))
+                sig = rng.choice(signals)
+                delay = rng.uniform(startup if sig == signal.SIGINT else 0.0, 1.1 * seconds)
+                row = _kill_and_rerun(cmd, folder, delay=delay, sig=sig)
                 row["identical"] = row["rerun_exit_code"] == 0 and cmd.result(folder) == expected
                 rows.append(row)
             report["runs"][cmd.name] = rows
