@@ -381,3 +381,16 @@ def test_ema_decay_is_a_set_override(experts):
     assert resolve_config(overrides=parse_set(["ema_decay=0.9995"])).ema_decay == 0.9995
     r = distill(tiny(iterations=2, ema_decay=0, select_on="none"), experts=experts, out=None, progress=False)
     assert "set" not in r.selection  # 0 is off: the raw set
+
+
+def test_validation_in_repaired_epochs_re_decodes_the_set(experts, monkeypatch):
+    import mttlss.training as training
+
+    calls = []
+    original = training.repaired_images
+    monkeypatch.setattr(training, "repaired_images", lambda s, **kw: calls.append(s.pairing) or original(s, **kw))
+    cfg = tiny(iterations=2, eval_every=2, eval_epochs=3, pairing="random", num_subspaces=2,
+               eval_epoch_mode="repaired", select_on="val")
+    r = distill(cfg, experts=experts, out=None, progress=False)
+    assert calls and set(calls) == {"random"} and len(calls) % 3 == 0  # 3 epochs per validation network
+    assert r.synthetic.pairing == "random"

@@ -186,3 +186,129 @@ def test_evaluate_artifact_end_to_end_on_digits(tmp_path):
     assert res["mean"] > 0.5  # chance is 0.1
     recorded = read_manifest(path)["results"]
     assert len(recorded) == 1 and recorded[0]["accs"] == res["accs"]
+
+
+# ---------------------------------------------------------------- epoch_mode="repaired" (method.md 11.2 (c))
+
+
+def repairable_set(x, y, *, pairing="random", subspaces="per_class", num_subspaces=2, images_per_class=4):
+    """A 2-class low-rank set from the blobs: 4 codes per class, 2 PCA subspaces per class (all distinct)."""
+    from mttlss.parameterization import LowRankSet
+
+    s, _ = LowRankSet.from_real(x, y, num_classes=2, images_per_class=images_per_class, rank=2, subspaces=subspaces,
+                                num_subspaces=num_subspaces, pairing=pairing, generator=torch.Generator().manual_seed(0))
+    return s
+
+
+def subspace_of_rows(s, images):
+    """The subspace each row of ``images`` [n, C, H, W] was decoded with, checking that row i is code i."""
+    rows = []
+    for i in range(images.shape[0]):
+        k = torch.arange(s.total_subspaces)
+        with torch.no_grad():
+            cands = s._compose(s.mappers_U[k], s.codes[i].expand(len(k), *s.codes.shape[1:]), s.mappers_V[k])
+        dist = (cands - images[i]).flatten(1).norm(dim=1)
+        assert float(dist.min()) < 1e-4 * max(float(images[i].norm()), 1.0)  # row i is code i with one mapper
+        rows.append(int(dist.argmin()))
+    return torch.tensor(rows)
+
+
+def own_class_subspaces(s):
+    """[n, num_subspaces]: the subspaces code i may meet under per-class subspaces."""
+    cls = s.labels_hard()
+    return cls[:, None] * s.num_subspaces + torch.arange(s.num_subspaces)
+
+
+def test_repaired_images_redraw_each_epoch_within_the_class(problem):
+    from mttlss.training import pairing_generator, repaired_images
+
+    x, y, _, _ = problem
+    s = repairable_set(x, y)
+    allowed = own_class_subspaces(s)
+
+    def draws(seed, epochs=6):
+        g = pairing_generator(seed)
+        return [subspace_of_rows(s, repaired_images(s, generator=g)) for _ in range(epochs)]
+
+    a, b, other = draws(3), draws(3), draws(4)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))  # same network seed: the same pairings
+    assert any(not torch.equal(a[0], p) for p in a[1:])  # epochs see different pairings
+    assert any(not torch.equal(p, q) for p, q in zip(a, other))  # another seed, other pairings
+    for p in a + other:  # every re-pairing keeps each code with a mapper of its own class
+        assert bool((p[:, None] == allowed).any(dim=1).all())
+    assert len(torch.cat(a).unique()) == s.total_subspaces  # and every mapper gets used
+
+
+def test_repaired_epochs_train_on_all_codes_re_paired(problem, monkeypatch):
+    import mttlss.training as training
+
+    x, y, xt, yt = problem
+    s = repairable_set(x, y)
+    seen = []
+    original = training.train_one_epoch
+
+    def spy(model, optimizer, *, x, **kw):
+        seen.append(x.detach().clone())
+        return original(model, optimizer, x=x, **kw)
+
+    monkeypatch.setattr(training, "train_one_epoch", spy)
+    recipe = small(epochs=4, batch_size=3, epoch_mode="repaired")
+    soft = F.one_hot(s.labels_hard(), 2).float() * 0.8 + 0.1
+    fixed = s.decode().detach()
+    res = evaluate_synthetic(images=fixed, targets=soft, x_test=xt, y_test=yt, model_spec=SPEC, num_classes=2,
+                             lr=0.01, recipe=recipe, runs=1, seed=5, synthetic=s)
+    assert len(seen) == 4 and all(e.shape == (s.num_images, 1, 8, 8) for e in seen)  # n codes per epoch
+    assert res["runs"][0]["steps"] == 4 * math.ceil(s.num_images / 3) and res["n_train"] == s.num_images
+    pairings = [subspace_of_rows(s, e) for e in seen]
+    assert any(not torch.equal(pairings[0], p) for p in pairings[1:])
+    g = training.pairing_generator(5)  # the network's pairings come from its seed's stream
+    assert all(torch.equal(e, training.repaired_images(s, generator=g)) for e in seen)
+    assert res["recipe"]["epoch_mode"] == "repaired" and res["recipe"]["labels"] == "soft"
+    assert res["repairing"]["images_per_epoch"] == s.num_images and res["repairing"]["own_class_only"]
+    assert "(repaired)" in format_results(res)
+
+
+def test_repaired_mode_refuses_fixed_pairing_and_pixel_sets(problem):
+    from mttlss.config import DistillConfig
+    from mttlss.parameterization import PixelSet
+    from mttlss.training import EpochModeError
+
+    x, y, xt, yt = problem
+    pixel = PixelSet.from_real(x, y, num_classes=2, images_per_class=4)
+    for s in (repairable_set(x, y, pairing="fixed"), pixel, None):
+        with pytest.raises(EpochModeError, match=r"needs a low-rank set with pairing=random.*--epoch-mode decoded"):
+            evaluate_synthetic(images=x[:8], targets=y[:8], x_test=xt, y_test=yt, model_spec=SPEC, num_classes=2,
+                               lr=0.01, recipe=small(epoch_mode="repaired"), runs=1, synthetic=s)
+    with pytest.raises(EpochModeError, match="pairing=random"):
+        train_and_test(x_train=x, targets=y, x_test=xt, y_test=yt, model_spec=SPEC, num_classes=2,
+                       recipe=small(epoch_mode="repaired"), lr=0.01, seed=0)
+    with pytest.raises(ValueError, match="set pairing=random"):
+        DistillConfig(eval_epoch_mode="repaired", pairing="fixed").validate()
+    DistillConfig(eval_epoch_mode="repaired", pairing="random").validate()
+
+
+def test_repaired_mode_end_to_end_through_the_cli(tmp_path, capsys):
+    from mttlss import cli
+    from mttlss.artifact import read_manifest, save_artifact
+    from mttlss.baselines import random_real_artifact
+    from mttlss.data import dataset_record, load_dataset
+    from mttlss.parameterization import LowRankSet
+    from mttlss.preprocessing import Preprocessor
+
+    data = load_dataset("digits")
+    pre = Preprocessor.fit("normalize", data.x_train, dataset="digits")
+    s, _ = LowRankSet.from_real(pre(data.x_train), data.y_train, num_classes=10, images_per_class=4, rank=2,
+                                num_subspaces=2, pairing="random", generator=torch.Generator().manual_seed(0))
+    path = save_artifact(tmp_path / "lss.safetensors", synthetic=s, labels=s.labels_hard(), lr=0.01, preprocessor=pre,
+                         dataset=dataset_record(data, data_root=None), ipc=3, model=SPEC,
+                         selection={"select_on": "none", "iteration": None, "score": None}, config={"method": "test"})
+    argv = ["evaluate", str(path), "--recipe", "quick-100", "--epochs", "3", "--runs", "1", "--no-resume"]
+    assert cli.main([*argv, "--epoch-mode", "repaired", "--record"]) == 0
+    out = capsys.readouterr().out
+    assert "(repaired)" in out and "n_train 40" in out
+    recorded = read_manifest(path)["results"][-1]
+    assert recorded["recipe"]["epoch_mode"] == "repaired" and recorded["recipe"]["name"] == "quick-100@3ep@repaired"
+    assert recorded["repairing"]["images_per_epoch"] == 40
+    pixel = random_real_artifact(dataset="digits", ipc=1, out=tmp_path / "pixel.safetensors")
+    assert cli.main(["evaluate", str(pixel), "--epochs", "3", "--runs", "1", "--epoch-mode", "repaired"]) == 2
+    assert "pairing=random" in capsys.readouterr().err

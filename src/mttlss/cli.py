@@ -178,6 +178,8 @@ def cmd_distill(args) -> int:
 def _evaluate_full_data(args) -> dict:
     if not args.dataset:
         raise UserError("--full-data needs --dataset D (the real data to train on), e.g. --dataset digits")
+    if args.epoch_mode not in (None, "decoded"):
+        raise UserError(f"--epoch-mode {args.epoch_mode} applies to synthetic sets, not to --full-data; drop --epoch-mode")
     data = load_dataset(args.dataset, data_root=args.data_root)
     pre = Preprocessor.fit("zca" if args.zca else "normalize", data.x_train, dataset=args.dataset,
                            normalization=args.normalization)
@@ -195,7 +197,8 @@ def cmd_evaluate(args) -> int:
         if not args.artifact:
             raise UserError("give an artifact path (mttlss evaluate FILE.safetensors), or --full-data --dataset D")
         res = evaluate_artifact(args.artifact, dataset=args.dataset, data_root=args.data_root, model=args.model,
-                                runs=args.runs, recipe=args.recipe, epochs=args.epochs, seed=args.seed, device=args.device,
+                                runs=args.runs, recipe=args.recipe, epochs=args.epochs, epoch_mode=args.epoch_mode,
+                                seed=args.seed, device=args.device,
                                 workers=args.workers, split=args.split, resume=not args.no_resume)
     print(format_results(res), flush=True)  # first: a write that fails below costs only the write, not the evaluation
     if args.json and init_distributed().is_main:
@@ -381,6 +384,9 @@ def _parser_evaluate(sub) -> None:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--recipe", default="mtt-1000")
     p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epoch-mode", default=None, choices=CHOICES["eval_epoch_mode"],
+                   help="what an epoch is (method.md 11.2); default: the recipe's (decoded). repaired: pairing=random "
+                   "low-rank sets only, an epoch over the stored codes, re-paired with mappers each epoch")
     p.add_argument("--lr", type=float, default=None, help="with --full-data (default 0.01)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", default="test", choices=EVAL_SPLITS)

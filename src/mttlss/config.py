@@ -26,7 +26,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "pairing": ("fixed", "random"),
     "init": ("correct", "real", "noise"),
     "select_on": ("val", "none"),
-    "eval_epoch_mode": ("decoded", "budget"),
+    "eval_epoch_mode": ("decoded", "budget", "repaired"),
     "lr_schedule": ("constant", "cosine"),
     "memory": ("auto", "full", "checkpoint"),
     "precision": ("fp32", "bf16"),
@@ -104,7 +104,7 @@ class DistillConfig:
     eval_every: int = 500             # iterations between validation evaluations (0: only at the end)
     eval_runs: int = 1                # networks per validation evaluation
     eval_epochs: int = 300            # epochs per validation evaluation network (cheaper than the final protocol)
-    eval_epoch_mode: str = "decoded"  # "decoded" | "budget" (method.md 11.2)
+    eval_epoch_mode: str = "decoded"  # "decoded" | "budget" | "repaired" (pairing=random only; method.md 11.2)
     eval_batch_size: int = 256
     select_on: str = "val"            # "val": keep the synthetic set with the best validation accuracy | "none": the last
     ema_decay: float | None = None    # an EMA of the synthetic set's factors (pixels, or mappers and codes; not labels or
@@ -133,6 +133,10 @@ class DistillConfig:
         if self.lr_mapper is not None and self.lr_mapper < 0:
             raise ValueError(f"lr_mapper must be >= 0, got {self.lr_mapper}")
         self._validate_labels()
+        if self.eval_epoch_mode == "repaired" and (self.param != "lowrank" or self.pairing != "random"):
+            raise ValueError("eval_epoch_mode=repaired re-pairs codes with mappers each epoch, so it needs param=lowrank "
+                             f"and pairing=random (got param={self.param}, pairing={self.pairing}); set pairing=random, "
+                             "or eval_epoch_mode=decoded")
         if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}: set e.g. 0.999 (FTD uses 0.999 to "
                              "0.9999), or null or 0 to turn the average off")

@@ -517,13 +517,14 @@ def validate(cfg, state, *, model_spec, data, x_val, device) -> float:
     set) with the current labels and alpha; never the test split."""
     recipe = EvalRecipe(name="distill-val", epochs=cfg.eval_epochs, batch_size=cfg.eval_batch_size,
                         dsa=cfg.dsa, dsa_strategy=cfg.dsa_strategy, epoch_mode=cfg.eval_epoch_mode)
+    synthetic = evaluated_set(state)
     with torch.no_grad():
-        images = evaluated_set(state).decode().detach()  # [n, C, H, W] training space
+        images = synthetic.decode().detach()  # [n, C, H, W] training space
     try:
         res = evaluate_synthetic(images=images, targets=targets_of(cfg, state), x_test=x_val, y_test=data.y_val,
                                  model_spec=model_spec, num_classes=data.num_classes, lr=state.syn_lr.item(),
                                  recipe=recipe, runs=cfg.eval_runs, seed=cfg.seed, device=device, ipc=cfg.ipc,
-                                 eval_split="val")
+                                 eval_split="val", synthetic=synthetic)
     except RuntimeError as exc:  # a diverging validation network: the learned step size is the usual culprit
         raise DistillError(f"validation training diverged at step size alpha={state.syn_lr.item():.4g} ({exc}); "
                            "lower lr_teacher or lr_lr and start again with a new --out") from exc

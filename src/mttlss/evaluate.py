@@ -27,7 +27,7 @@ from torch import Tensor
 from mttlss import artifact as artifact_mod
 from mttlss.data import load_for_artifact
 from mttlss.distributed import default_device, init_distributed
-from mttlss.training import EvalRecipe, evaluate_synthetic
+from mttlss.training import EvalRecipe, check_epoch_mode, evaluate_synthetic
 
 EVAL_SPLITS = ("test", "val")  # "val" for model selection; "test" once per final artifact
 
@@ -87,6 +87,7 @@ def evaluate_artifact(
     runs: int = 5,
     recipe: str | EvalRecipe = "mtt-1000",
     epochs: int | None = None,  # overrides the recipe's epochs
+    epoch_mode: str | None = None,  # overrides the recipe's epoch_mode ("repaired": pairing=random low-rank sets only)
     seed: int = 0,
     device: str | None = None,
     workers: int = 1,
@@ -105,6 +106,10 @@ def evaluate_artifact(
     recipe = _as_recipe(recipe)
     if epochs is not None and epochs != recipe.epochs:  # a changed recipe gets a name that says so
         recipe = replace(recipe, epochs=epochs, name=f"{recipe.name}@{epochs}ep")
+    if epoch_mode is not None and epoch_mode != recipe.epoch_mode:
+        recipe = replace(recipe, epoch_mode=epoch_mode, name=f"{recipe.name}@{epoch_mode}")
+    synthetic = getattr(art, "synthetic", None)  # the set itself: "repaired" epochs re-decode it
+    check_epoch_mode(recipe, synthetic=synthetic)  # before any data is read
     manifest = art.manifest
     if data is None:
         data = load_for_artifact(manifest.get("dataset", {}), dataset=dataset, data_root=data_root,
@@ -124,12 +129,13 @@ def evaluate_artifact(
     if resume and getattr(art, "path", None) is not None:
         keep = _keep_folder(Path(art.path), images=images, targets=targets, x_eval=x_eval, y_eval=y_eval,
                             settings={"recipe": asdict(recipe), "model": spec, "lr": art.lr, "device": device,
-                                      "split": split, "ipc": manifest.get("ipc")})
+                                      "split": split, "ipc": manifest.get("ipc"),
+                                      "set": _set_digest(synthetic) if recipe.epoch_mode == "repaired" else None})
     result = evaluate_synthetic(
         images=images, targets=targets, x_test=x_eval, y_test=y_eval, eval_split=split,
         model_spec=spec, num_classes=data.num_classes,
         lr=art.lr, recipe=recipe, runs=runs, seed=seed, device=device, workers=workers,
-        ipc=manifest.get("ipc"), keep=keep,
+        ipc=manifest.get("ipc"), keep=keep, synthetic=synthetic,
     )
     if recipe.lr is None:
         result["recipe"]["lr_source"] = "artifact"
@@ -153,6 +159,11 @@ def _digest(*tensors: Tensor) -> str:
         h.update(str((t.dtype, tuple(t.shape))).encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def _set_digest(synthetic: Any) -> str:
+    """All of the set's factors (every mapper, not only those the fixed pairing decodes with)."""
+    return _digest(*(t for _, t in sorted(synthetic.state_dict().items())))
 
 
 def _keep_folder(path: Path, *, images: Tensor, targets: Tensor, x_eval: Tensor, y_eval: Tensor,

@@ -175,6 +175,9 @@ class EvalRecipe:
     # "decoded": an epoch is a full pass over the decoded set.
     # "budget": an epoch is ceil(IPC x classes / batch) optimiser steps, the cost of one epoch of a pixel
     #  baseline with the same storage (method.md 11.2 (b)); the decoded set is cycled in shuffled batches.
+    # "repaired": HaBa's practice (method.md 11.2 (c)), low-rank sets with pairing=random only: an epoch is a full
+    #  pass over the n stored codes, and before each epoch every code is decoded afresh with a mapper drawn at
+    #  random (of its own class under per-class subspaces); a code keeps its label.
     epoch_mode: str = "decoded"
 
     def __post_init__(self) -> None:
@@ -198,6 +201,37 @@ def _require_recipe(recipe: Any) -> EvalRecipe:
         raise TypeError(f"recipe={recipe!r} is not an EvalRecipe; for a named recipe pass "
                         f"mttlss.evaluate.get_recipe({recipe!r})")
     return recipe
+
+
+class EpochModeError(UserError):
+    """An epoch mode the synthetic set cannot be evaluated in; the message names the fix."""
+
+
+def check_epoch_mode(recipe: EvalRecipe, *, synthetic: Any) -> None:
+    """Refuse ``epoch_mode="repaired"`` unless ``synthetic`` is a low-rank set with pairing=random."""
+    if recipe.epoch_mode != "repaired":
+        return
+    kind, pairing = getattr(synthetic, "kind", None), getattr(synthetic, "pairing", None)
+    if kind != "lowrank" or pairing != "random":
+        what = "no synthetic set" if synthetic is None else f"a {kind} set" + (f" with pairing={pairing}" if pairing else "")
+        raise EpochModeError(
+            f"epoch_mode 'repaired' re-pairs codes with mappers each epoch, so it needs a low-rank set with "
+            f"pairing=random, not {what}; evaluate this set with epoch mode 'decoded' or 'budget' "
+            f"(--epoch-mode decoded), or distil it with --set pairing=random")
+
+
+def pairing_generator(seed: int) -> torch.Generator:
+    """The CPU stream of one network's per-epoch pairings in epoch_mode="repaired": seeded with ``seed + 2``
+    (shuffling uses ``seed``, DSA ``seed + 1``), so the pairings are the same for the same network seed."""
+    return torch.Generator().manual_seed(seed + 2)
+
+
+def repaired_images(synthetic: Any, *, generator: torch.Generator) -> Tensor:
+    """One epoch's training images [n, C, H, W], training space, detached: every stored code decoded with a
+    subspace drawn afresh from ``generator`` (``LowRankSet.subspaces_for``: one of its own class's under
+    per-class subspaces). Row i is code i, so row i keeps label i."""
+    with torch.no_grad():
+        return synthetic.decode(generator=generator).detach()
 
 
 def budget_steps_per_epoch(*, ipc: int, num_classes: int, batch_size: int) -> int:
@@ -237,9 +271,16 @@ def train_and_test(
     device: str = "cpu",
     steps_per_epoch: int | None = None,  # None: "decoded" epochs (full passes); else budget-mode steps
     return_model: bool = False,
+    synthetic: Any = None,  # epoch_mode="repaired": the LowRankSet (pairing=random) re-decoded before each epoch
 ) -> dict:
-    """Train one fresh network seeded with ``seed`` and test it once, after the last epoch."""
+    """Train one fresh network seeded with ``seed`` and test it once, after the last epoch.
+
+    With ``synthetic`` (epoch_mode="repaired"), ``x_train`` gives only the image shape: each epoch trains on
+    ``repaired_images`` of the set, drawn from ``pairing_generator(seed)``, one full pass over its n codes."""
     recipe = _require_recipe(recipe)
+    check_epoch_mode(recipe, synthetic=synthetic)
+    repaired = recipe.epoch_mode == "repaired"
+    pair_gen = pairing_generator(seed) if repaired else None
     lr = check_lr(lr, where=f"seed {seed}")
     torch.manual_seed(seed)  # network initialisation
     shuffle_gen = torch.Generator().manual_seed(seed)
@@ -255,6 +296,8 @@ def train_and_test(
     for epoch in range(recipe.epochs):
         if epoch == recipe.decay_epoch and recipe.lr_decay_at < 1.0:
             _set_lr(optimizer, lr * recipe.lr_decay)
+        if repaired:
+            x = repaired_images(synthetic, generator=pair_gen).to(device)
         loss = train_one_epoch(model, optimizer, x=x, targets=t, batch_size=recipe.batch_size, dsa_config=dsa_config,
                                generator=shuffle_gen, steps=steps_per_epoch, dsa_generator=dsa_gen)
         steps += steps_per_epoch or math.ceil(x.shape[0] / recipe.batch_size)
@@ -353,12 +396,18 @@ def evaluate_synthetic(
     ipc: int | None = None,  # storage budget per class; needed for epoch_mode="budget"
     eval_split: str = "test",  # recorded only: which split x_test/y_test really are ("val" for selection)
     keep: str | Path | None = None,  # a folder: each finished network's result is kept there, and reused on a rerun
+    synthetic: Any = None,  # the set ``images`` decode from; needed (a LowRankSet, pairing=random) for "repaired"
 ) -> dict:
     """Train ``runs`` networks (seeds ``seed .. seed+runs-1``) on the synthetic set; per-seed and mean +- std.
 
     ``keep``: resumable. The caller names a folder that only this evaluation (same images, targets, test data,
-    recipe, model, device) writes to; a rerun trains only the seeds without a result there."""
+    recipe, model, device) writes to; a rerun trains only the seeds without a result there.
+
+    epoch_mode="repaired": each network re-decodes ``synthetic`` before every epoch (``train_and_test``); ``images``
+    (its fixed-pairing decode, [n, C, H, W]) and ``targets`` still give n and the shapes."""
     recipe = _require_recipe(recipe)
+    check_epoch_mode(recipe, synthetic=synthetic)
+    repaired = recipe.epoch_mode == "repaired"
     lr_source = "recipe" if recipe.lr is not None else "given"
     lr = check_lr(recipe.lr if recipe.lr is not None else (lr if lr is not None else float("nan")),
                   where=f"recipe {recipe.name!r}")
@@ -366,15 +415,18 @@ def evaluate_synthetic(
         raise ValueError(f"runs={runs}; evaluate at least one network")
     if images.shape[0] != targets.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {targets.shape[0]} labels; they must pair one to one")
+    if repaired and synthetic.num_images != targets.shape[0]:
+        raise ValueError(f"{synthetic.num_images} codes but {targets.shape[0]} labels; pass the labels of this set")
     steps_per_epoch = _steps_per_epoch(recipe, ipc=ipc, num_classes=num_classes)
     spec = _resolve_spec(model_spec)
     jobs = [dict(x_train=images, targets=targets, x_test=x_test, y_test=y_test, model_spec=spec,
                  num_classes=num_classes, recipe=recipe, lr=lr, seed=seed + i, device=device,
-                 steps_per_epoch=steps_per_epoch) for i in range(runs)]
+                 steps_per_epoch=steps_per_epoch, **({"synthetic": synthetic} if repaired else {}))
+            for i in range(runs)]
     per_run = _run_seeds(jobs, workers=workers, keep=keep)
     accs = [r["test_acc"] for r in per_run]
     mean, std = _mean_std(accs)
-    return {
+    result = {
         "recipe": {**asdict(recipe), "lr": lr, "lr_source": lr_source, "steps_per_epoch": steps_per_epoch,
                    "labels": "soft" if targets.dtype.is_floating_point else "hard"},
         "model": spec,
@@ -387,3 +439,14 @@ def evaluate_synthetic(
         "select_on": "none",
         "eval_split": eval_split,
     }
+    if repaired:
+        result["repairing"] = _repairing_record(synthetic)
+    return result
+
+
+def _repairing_record(synthetic: Any) -> dict:
+    """What "repaired" epochs drew from: the codes per epoch, and the mappers a code may meet."""
+    per_class = synthetic.subspaces == "per_class"
+    return {"images_per_epoch": int(synthetic.num_images), "subspaces": synthetic.subspaces,
+            "mappers_per_code": int(synthetic.num_subspaces), "own_class_only": per_class,
+            "pairing_seed": "network seed + 2"}
