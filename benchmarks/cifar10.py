@@ -9,6 +9,8 @@
         --methods lowrank_init_hard lowrank_init_soft lowrank lowrank_soft   # weak experts: one epoch each (own folder)
     python benchmarks/cifar10.py --expert-optimizer gsam  # GSAM experts (FTD's, DATM's), about twice the expert time (own folder)
     python benchmarks/cifar10.py --smoke --ipcs 1     # ~14 min on 2 cores: the pipeline runs; the numbers mean nothing
+    python benchmarks/paper_smoke.py                  # ~2 min: --scale paper's stages from the CIFAR-10/100 and SVHN
+        # presets on tiny torchvision-layout files (tests/test_paper_smoke.py runs it in CI)
 
 The same experts serve every method. At each IPC storage budget it builds these sets and evaluates each with
 the same recipe on the test split (tested once, after the last epoch, mean +- std over seeded networks):
@@ -97,6 +99,7 @@ SCALES = {
         },
     },
     "paper": {  # method.md 11.1 and 12.3: ConvNet-3 width 128, 1,000-epoch evaluation, 5 runs, DATM matching rows
+        "exact_window": True,  # the presets' windows as shipped: never shrunk to fit the experts (--smoke shrinks them)
         "model": {"name": "convnet", "width": 128, "depth": 3},
         "experts": {"num_experts": 100, "epochs": 50, "preprocess": "zca"},
         "eval": {"runs": 5, "epochs": 1000, "batch_size": 256, "epoch_mode": "decoded"},
@@ -124,6 +127,8 @@ def plan_for(scale: str, *, expert_epochs: int | None, smoke: bool, expert_optim
     plan = copy.deepcopy(SCALES[scale])
     if expert_optimizer != "sgd":  # GSAM with ExpertConfig's rho and alpha (method.md section 4)
         plan["experts"]["optimizer"] = expert_optimizer
+    if smoke or expert_epochs is not None:
+        plan.pop("exact_window", None)  # the window is fitted to the cut or chosen experts' epochs
     if smoke:
         for key in ("experts", "eval", "matching"):
             plan[key].update(SMOKE[key])
@@ -138,14 +143,18 @@ def fit_window(cfg, epochs: int) -> dict:
     fit): segments need max_start_epoch - 1 + expert_epochs <= epochs."""
     m = min(cfg.expert_epochs, epochs)
     top = min(cfg.max_start_epoch, epochs - m + 1)
-    return {"expert_epochs": m, "max_start_epoch": top, "current_max_start_epoch": min(cfg.current_max_start_epoch, top)}
+    low = min(cfg.min_start_epoch, top - 1)  # T- below T+ (CIFAR-100 IPC 50 starts at T- = 20)
+    return {"expert_epochs": m, "min_start_epoch": low, "max_start_epoch": top,
+            "current_max_start_epoch": min(cfg.current_max_start_epoch, top)}
 
 
-def build_experts(plan: dict, out: Path, device: str | None, *, workers: int = 1):
+def build_experts(plan: dict, out: Path, device: str | None, *, workers: int = 1, progress: bool = True):
+    """The plan's experts on ``plan["dataset"]`` (default: the shared CIFAR-10 .npz), in ``out/experts``."""
     from mttlss.experts import ExpertConfig, train_experts
 
-    cfg = ExpertConfig(dataset=f"npz:{DATA}", model=plan["model"], device=device, **plan["experts"])
-    return train_experts(cfg, out / "experts", workers=workers)
+    data = plan.get("dataset", {"dataset": f"npz:{DATA}"})  # ExpertConfig's dataset, data_root, val_fraction
+    cfg = ExpertConfig(model=plan["model"], device=device, **data, **plan["experts"])
+    return train_experts(cfg, out / "experts", workers=workers, progress=progress)
 
 
 def distill_config(plan: dict, ipc: int, param: str, **extra):
@@ -158,7 +167,11 @@ def distill_config(plan: dict, ipc: int, param: str, **extra):
         values = {"ipc": ipc, "param": param, "iterations": setting["iterations"], **plan["matching"],
                   **setting["window"], **setting[param], **extra}
         cfg = resolve_config(**values)
-    cfg = dataclasses.replace(cfg, **fit_window(cfg, plan["experts"]["epochs"]))
+    fitted = fit_window(cfg, plan["experts"]["epochs"])
+    if plan.get("exact_window") and any(getattr(cfg, k) != v for k, v in fitted.items()):
+        raise SystemExit(f"{setting['preset']}_{param} needs experts of {cfg.max_start_epoch - 1 + cfg.expert_epochs} "
+                         f"epochs (T+ - 1 + M), the plan trains {plan['experts']['epochs']}: raise the plan's expert epochs")
+    cfg = dataclasses.replace(cfg, **fitted)
     if "max_iterations" in plan:
         cfg.iterations = min(cfg.iterations, plan["max_iterations"])
     return cfg.validate()
@@ -267,10 +280,8 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: check that the pipeline runs (about 14 min on 2 cores)")
     args = ap.parse_args()
 
-    from mttlss.artifact import label_summary, read_manifest
     from mttlss.baselines import random_real_artifact
     from mttlss.data import load_recorded
-    from mttlss.io_utils import atomic_write_json, atomic_write_text
 
     override = json.loads(args.override)
     on_gpu = (args.device or "").startswith("cuda") or (args.device is None and torch.cuda.is_available())
@@ -319,6 +330,17 @@ def main() -> int:
         stage(f"  IPC {key[0]}: {key[1]}: {100 * res['mean']:.2f} +- {100 * res['std']:.2f}  ({res['accs']})")
     runner.close()
 
+    report = {"benchmark": "cifar10", "scale": args.scale, "plan": plan, "override": override, "machine": machine(), "workers": workers,
+              "date": time.strftime("%Y-%m-%d"), "expert_seconds": round(expert_seconds, 1), "experts": validity,
+              "total_seconds": round(time.time() - t_start, 1), "results": result_rows(order, tested, sets)}
+    print(write_results(out, report))
+    return 0
+
+
+def result_rows(order: list[tuple[int, str]], tested: dict, sets: dict) -> list[dict]:
+    """One results row per tested set, in ``order``: its storage, labels and test accuracy, read from its manifest."""
+    from mttlss.artifact import label_summary, read_manifest
+
     rows = []
     for ipc, method in (k for k in order if k in tested):
         res, path = tested[ipc, method], sets[ipc, method]
@@ -333,15 +355,17 @@ def main() -> int:
                      "median": statistics.median(res["accs"]), "selection": m.get("selection"),
                      "lr": m.get("lr"), "distill_seconds": res["distill_seconds"], "eval_seconds": res["seconds"],
                      "artifact": path})
+    return rows
 
-    report = {"benchmark": "cifar10", "scale": args.scale, "plan": plan, "override": override, "machine": machine(), "workers": workers,
-              "date": time.strftime("%Y-%m-%d"), "expert_seconds": round(expert_seconds, 1), "experts": validity,
-              "total_seconds": round(time.time() - t_start, 1), "results": rows}
+
+def write_results(out: Path, report: dict) -> str:
+    """``out/results.json`` and ``out/results.md`` (the README table); returns the table."""
+    from mttlss.io_utils import atomic_write_json, atomic_write_text
+
     atomic_write_json(out / "results.json", report)
     table = markdown(report)
     atomic_write_text(out / "results.md", table)
-    print(table)
-    return 0
+    return table
 
 
 def machine() -> dict:
@@ -353,7 +377,8 @@ def machine() -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"CIFAR-10, {report['scale']} scale, {report['date']}, {report['machine']['cuda'] or str(report['machine']['cpu_count']) + ' CPU cores'}; "
+    title = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "svhn": "SVHN"}.get(report["benchmark"], report["benchmark"])
+    lines = [f"{title}, {report['scale']} scale, {report['date']}, {report['machine']['cuda'] or str(report['machine']['cpu_count']) + ' CPU cores'}; "
              f"expert training in this run {report['expert_seconds']:.0f}s (about 0 when an earlier run's experts were reused), "
              f"{report.get('workers', 1)} worker process(es), total {report['total_seconds'] / 60:.1f} min",
              f"experts: {report['plan']['experts']}, validation accuracy "
