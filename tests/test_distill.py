@@ -119,7 +119,7 @@ def test_exploding_step_size_is_caught(experts):
 
 def test_skips_stop_after_max_consecutive(experts):
     with pytest.raises(DistillError, match="3 consecutive iterations") as info:
-        distill(tiny(iterations=10, threshold=0.0, max_consecutive_skips=3), experts=experts, out=None, progress=False)
+        distill(tiny(iterations=10, threshold=0.0, threshold_probe=0, max_consecutive_skips=3), experts=experts, out=None, progress=False)
     assert "threshold" in str(info.value) and "lr_img" in str(info.value)
 
 
@@ -266,9 +266,64 @@ def test_two_torchrun_ranks_distill_the_single_process_set_and_rank_0_alone_writ
 def test_a_run_whose_every_update_was_skipped_says_so(experts, capsys):
     from mttlss.distillation import _STALL_AFTER
 
-    distill(tiny(iterations=_STALL_AFTER, threshold=0.0), experts=experts, out=None, progress=False)
+    distill(tiny(iterations=_STALL_AFTER, threshold=0.0, threshold_probe=0), experts=experts, out=None, progress=False)
     err = capsys.readouterr().err
     assert f"all {_STALL_AFTER} updates were skipped" in err and "threshold=0" in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the update guard's probe at the start (threshold_probe)
+
+
+def _losses(history):
+    return [r["loss"] for r in history]
+
+
+def test_a_guard_that_would_block_every_update_is_lifted_and_the_run_is_the_unguarded_one(experts, tmp_path, capsys):
+    # threshold 0: every segment's loss exceeds it, as every one did with one-epoch CIFAR-10 experts at threshold 1
+    lifted = distill(tiny(iterations=6, threshold=0.0), experts=experts, out=tmp_path / "lifted", progress=True)
+    err = capsys.readouterr().err
+    unguarded = distill(tiny(iterations=6, threshold=1e9, threshold_probe=0), experts=experts, out=None, progress=False)
+    guard = lifted.init_info["guard"]
+    assert guard["lifted"] is True and len(guard["probe_losses"]) == 3
+    assert "update guard lifted" in err and "threshold_probe=0" in err
+    assert not any(r["skipped"] for r in lifted.history)
+    assert _losses(lifted.history) == _losses(unguarded.history)  # the probe draws nothing the run draws
+    for key, value in unguarded.synthetic.state_dict().items():
+        assert torch.equal(lifted.synthetic.state_dict()[key], value), key
+    # the probe measured the segments the run then matched, on the same initial set
+    assert guard["probe_losses"][0] == pytest.approx(lifted.history[0]["loss"], rel=1e-5)
+    from mttlss.cli import main as cli_main
+
+    out = cli_main(["info", str(tmp_path / "lifted" / "synthetic.safetensors")])
+    assert out == 0 and "update guard  lifted" in capsys.readouterr().out
+
+
+def test_a_guard_that_lets_some_probed_segment_through_stays_on(experts):
+    probed = distill(tiny(iterations=3, threshold=1e9), experts=experts, out=None, progress=False)
+    guard = probed.init_info["guard"]
+    assert guard["lifted"] is False and "update guard on" in guard["why"]
+    losses = sorted(guard["probe_losses"])
+    # a threshold between the probed losses: one segment gets through, so the guard keeps skipping the others
+    middle = (losses[0] + losses[1]) / 2
+    kept = distill(tiny(iterations=3, threshold=middle), experts=experts, out=None, progress=False)
+    assert kept.init_info["guard"]["lifted"] is False
+    assert [r["skipped"] for r in kept.history] == [r["loss"] > middle for r in kept.history]
+    assert any(r["skipped"] for r in kept.history)
+
+
+def test_a_lifted_guard_stays_lifted_on_resume(experts, tmp_path):
+    whole = distill(tiny(iterations=8, threshold=0.0), experts=experts, out=tmp_path / "a", progress=False)
+    distill(tiny(iterations=8, threshold=0.0, stop_after=3), experts=experts, out=tmp_path / "b", progress=False)
+    resumed = distill(tiny(iterations=8, threshold=0.0), experts=experts, out=tmp_path / "b", progress=False)
+    assert not any(r["skipped"] for r in resumed.history)
+    assert _losses(resumed.history) == pytest.approx(_losses(whole.history), rel=1e-6)
+    assert resumed.init_info["guard"]["lifted"] is True
+
+
+def test_threshold_probe_must_not_be_negative():
+    with pytest.raises(ValueError, match="threshold_probe must be >= 0.*0 turns the probe off"):
+        tiny(threshold_probe=-1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -361,7 +416,7 @@ def test_ema_survives_an_interrupted_run_bit_for_bit(experts, tmp_path):
 
 
 def test_ema_is_not_updated_by_a_skipped_iteration(experts, tmp_path):
-    distill(tiny(iterations=3, threshold=0.0, ema_decay=0.5, select_on="none"), experts=experts, out=tmp_path / "r",
+    distill(tiny(iterations=3, threshold=0.0, threshold_probe=0, ema_decay=0.5, select_on="none"), experts=experts, out=tmp_path / "r",
             progress=False)
     ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
     assert int(ckpt["ema"]["n_averaged"]) == 1  # only its start: every update was skipped

@@ -467,6 +467,11 @@ def _memory_choice(choice: dict | None) -> list[str]:
     return [f"  unroll memory {choice.get('mode')}: {choice.get('why')}"] if choice else []
 
 
+def _guard_choice(choice: dict | None) -> list[str]:
+    """Whether the update guard stayed on (``manifest["init"]["guard"]``, from the start's probe of the loss)."""
+    return [f"  update guard  {'lifted' if choice.get('lifted') else 'on'}: {choice.get('why')}"] if choice else []
+
+
 def _label_choice(choice: dict | None) -> list[str]:
     """How a distilled run chose its starting labels (``manifest["init"]["labels"]``), as lines."""
     if not choice:
@@ -532,6 +537,7 @@ def format_manifest(manifest: dict) -> str:
         + _label_quality(lab),
         *_label_choice((manifest.get("init") or {}).get("labels")),
         *_memory_choice((manifest.get("init") or {}).get("memory")),
+        *_guard_choice((manifest.get("init") or {}).get("guard")),
         f"  lr            {_fmt(manifest.get('lr'))}",
         f"  model         {_fmt(manifest.get('model'))}",
         f"  experts       {_fmt(manifest.get('experts'))}",

@@ -88,6 +88,10 @@ class DistillConfig:
     lr_schedule: str = "constant"     # "constant" (the field) | "cosine": lr_img, mappers and lr_y decay to 0 at `iterations`
     threshold: float = 1.0            # tau: skip the update when L > tau (student ended farther than it started)
     max_consecutive_skips: int = 200  # then stop with a message naming the knobs
+    threshold_probe: int = 3          # iterations: before the first update, the loss of the first this-many segments is
+                                      # measured (no backward); when every one exceeds threshold, the guard would block
+                                      # the whole run (weak experts), so it is lifted for the run and the log says so.
+                                      # 0: never (a threshold set to skip on purpose)
     dsa: bool = True                  # DSA inside every inner step (and in evaluation)
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
     # how the unroll is differentiated (method.md section 3); both modes give the same gradients
@@ -127,6 +131,9 @@ class DistillConfig:
         for name in ("lr_teacher", "lr_img", "alpha_min"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}: a step size <= 0 cannot train")
+        if self.threshold_probe < 0:
+            raise ValueError(f"threshold_probe must be >= 0 (iterations probed before the first update), got "
+                             f"{self.threshold_probe}; 0 turns the probe off")
         for name in ("lr_lr", "lr_y"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

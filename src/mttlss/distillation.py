@@ -61,7 +61,7 @@ _RESUMABLE_CHANGES = {"iterations", "stop_after", "device", "tensorboard", "wand
                       "force"}
 # knobs that only shape iteration 0 (the labels' start): a checkpoint written before they existed is past its start,
 # so their values are not compared with it; any other knob it lacks compares as its default (the older behaviour)
-_START_ONLY = {"labels", "label_init", "label_temperature", "label_confidence"}
+_START_ONLY = {"labels", "label_init", "label_temperature", "label_confidence", "threshold_probe"}
 
 
 class DistillError(UserError, RuntimeError):
@@ -111,6 +111,7 @@ class _Run:
     out: Path | None
     is_main: bool = True                # under torchrun only rank 0 writes (log, checkpoints, artifact)
     memory: str = "full"                # the resolved memory mode: "full" | "checkpoint"
+    threshold: float | None = None      # the update guard's tau as settled at the start (``settle_guard``); None: cfg's
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -447,29 +448,42 @@ def _update(cfg: DistillConfig, state: DistillState, *, loss: torch.Tensor, reco
         raise DistillError(f"the step size alpha became {state.syn_lr.item()} at iteration {i}; lower lr_lr and start again with a new --out")
 
 
-def outer_step(cfg: DistillConfig, state: DistillState, *, model, layout: ParamLayout, experts: ExpertSet,
-               device: str, dsa_config: DSAConfig | None, memory: str = "full") -> dict[str, Any]:
-    """Sample an expert segment, unroll the student, and update the synthetic set, alpha and labels."""
-    i = state.iteration
-    gen = iteration_generator(cfg.seed, i)
-    k = expert_for_iteration(experts.indices, cfg.seed, i)
-    upper = start_epoch_upper(i, min_start_epoch=cfg.min_start_epoch, current_max_start_epoch=cfg.current_max_start_epoch,
-                              max_start_epoch=cfg.max_start_epoch, expansion_end_epoch=cfg.expansion_end_epoch,
-                              progressive=cfg.progressive)
+def segment_loss(cfg: DistillConfig, state: DistillState, *, iteration: int, model, layout: ParamLayout,
+                 experts: ExpertSet, device: str, dsa_config: DSAConfig | None,
+                 memory: str = "full") -> tuple[torch.Tensor, dict[str, Any]]:
+    """Iteration ``iteration``'s matching loss L (0-dim, differentiable into the learnables) and its record: the
+    expert segment it samples and the student unrolled on the current set. Every draw comes from the iteration's
+    own generator, so the same iteration on the same state gives the same L."""
+    gen = iteration_generator(cfg.seed, iteration)
+    k = expert_for_iteration(experts.indices, cfg.seed, iteration)
+    upper = start_epoch_upper(iteration, min_start_epoch=cfg.min_start_epoch,
+                              current_max_start_epoch=cfg.current_max_start_epoch, max_start_epoch=cfg.max_start_epoch,
+                              expansion_end_epoch=cfg.expansion_end_epoch, progressive=cfg.progressive)
     t = sample_start_epoch(upper, min_start_epoch=cfg.min_start_epoch, generator=gen)
     start, target = experts.checkpoints(k, [t, t + cfg.expert_epochs]).to(device)
     student = _unroll(cfg, state, model=model, layout=layout, start=start, device=device, dsa_config=dsa_config,
                       generator=gen, memory=memory)
     loss = trajectory_loss(student, start, target)
-    record = {"iteration": i, "expert": k, "start_epoch": t, "max_start_epoch": upper, "loss": float(loss.detach()),
-              "syn_lr": state.syn_lr.item(), "skipped": False}
+    return loss, {"iteration": iteration, "expert": k, "start_epoch": t, "max_start_epoch": upper,
+                  "loss": float(loss.detach()), "syn_lr": state.syn_lr.item(), "skipped": False}
+
+
+def outer_step(cfg: DistillConfig, state: DistillState, *, model, layout: ParamLayout, experts: ExpertSet,
+               device: str, dsa_config: DSAConfig | None, memory: str = "full",
+               threshold: float | None = None) -> dict[str, Any]:
+    """Sample an expert segment, unroll the student, and update the synthetic set, alpha and labels unless the
+    loss exceeds ``threshold`` (the guard's tau; None: ``cfg.threshold``)."""
+    i = state.iteration
+    loss, record = segment_loss(cfg, state, iteration=i, model=model, layout=layout, experts=experts, device=device,
+                                dsa_config=dsa_config, memory=memory)
     if not math.isfinite(record["loss"]):
         raise DistillError(
-            f"matching loss became {record['loss']} at iteration {i} (expert {k}, start epoch {t}); lower lr_img, "
-            "lr_lr or syn_steps, or lower max_start_epoch, and start again with a new --out"
+            f"matching loss became {record['loss']} at iteration {i} (expert {record['expert']}, start epoch "
+            f"{record['start_epoch']}); lower lr_img, lr_lr or syn_steps, or lower max_start_epoch, and start again "
+            "with a new --out"
         )
-    if loss.item() > cfg.threshold:  # decided before the backward pass: a skipped update costs no backward
-        _count_skip(cfg, state, record)
+    if loss.item() > (cfg.threshold if threshold is None else threshold):  # decided before the backward pass:
+        _count_skip(cfg, state, record)                                      # a skipped update costs no backward
         return record
     state.consecutive_skips = 0
     _update(cfg, state, loss=loss, record=record)
@@ -477,11 +491,39 @@ def outer_step(cfg: DistillConfig, state: DistillState, *, model, layout: ParamL
     return record
 
 
+# Seen on CIFAR-10 with experts trained for one epoch (benchmarks/cifar10.py --expert-epochs 1, 2026-12-01): every
+# segment's loss was 1.4-1.6 > threshold 1 from the first iteration on, so the guard skipped all 150 updates
+# (alpha's too, the one knob that could have brought the loss under 1) and the "distilled" set was its
+# initialisation. With the guard off the same run beat its hard-label start on test (37.67 against 36.54 %,
+# benchmarks/results/cifar10_cpu_experts1ep_threshold_2026-12-01.md). On the benchmark's usual experts the first
+# segments score 0.4-1.0, so the probe leaves the guard on there.
+def settle_guard(run: _Run, state: DistillState) -> dict[str, Any]:
+    """The update guard's record for a fresh run: the losses of its first ``threshold_probe`` segments on the
+    initial set (forward only), and whether the guard is lifted because every one of them exceeds threshold."""
+    cfg = run.cfg
+    probe = range(state.iteration, state.iteration + min(cfg.threshold_probe, cfg.iterations - state.iteration))
+    if len(probe) == 0:
+        return {"threshold": cfg.threshold, "lifted": False, "probe_losses": [],
+                "why": f"the guard skips an update whose loss exceeds threshold={cfg.threshold:g} (nothing probed)"}
+    with torch.no_grad():  # checkpoint mode's forward keeps no graph: the probe costs a forward unroll per segment
+        losses = [segment_loss(cfg, state, iteration=i, model=run.model, layout=run.layout, experts=run.experts,
+                               device=run.device, dsa_config=run.dsa_config, memory="checkpoint")[1]["loss"]
+                  for i in probe]
+    shown = ", ".join(f"{v:.3g}" for v in losses)
+    lifted = all(v > cfg.threshold for v in losses)  # a non-finite loss never lifts it: its iteration stops the run
+    why = (f"update guard lifted: the first {len(losses)} segments' matching losses on the initial set ({shown}) all "
+           f"exceed threshold={cfg.threshold:g}, so the guard would skip every update and the set would never move; "
+           f"no update is skipped in this run (set threshold_probe=0 to keep the guard)" if lifted else
+           f"update guard on: the first {len(losses)} segments' matching losses on the initial set ({shown}); updates "
+           f"whose loss exceeds threshold={cfg.threshold:g} are skipped")
+    return {"threshold": cfg.threshold, "lifted": lifted, "probe_losses": losses, "why": why}
+
+
 def _timed_step(run: _Run, state: DistillState) -> dict[str, Any]:
     """One outer iteration; advances ``state.iteration`` and returns the iteration's record."""
     t0 = time.time()
     record = outer_step(run.cfg, state, model=run.model, layout=run.layout, experts=run.experts, device=run.device,
-                        dsa_config=run.dsa_config, memory=run.memory)
+                        dsa_config=run.dsa_config, memory=run.memory, threshold=run.threshold)
     state.iteration += 1
     record["seconds"] = round(time.time() - t0, 4)
     return record
@@ -694,11 +736,17 @@ def distill(config: DistillConfig, *, experts: str | Path | ExpertSet, out: str 
     info.update(chosen)
     memory, why, estimate = choose_memory(run, state)
     run, info["memory"] = replace(run, memory=memory), {"mode": memory, "why": why, "estimate": estimate}
+    if not resumed:
+        info["guard"] = settle_guard(run, state)
+    guard = info.get("guard", {})  # a checkpoint written before the probe existed: the guard was on
+    run = replace(run, threshold=math.inf if guard.get("lifted") else run.cfg.threshold)
     cfg, out = run.cfg, run.out if run.is_main else None  # under torchrun rank 0 alone writes
     if progress and run.is_main:
         if "batch_syn" in info:
             print(info["batch_syn"]["why"], file=sys.stderr)
         print(why, file=sys.stderr)
+        if "why" in guard and not resumed:
+            print(guard["why"], file=sys.stderr)
     description = state.synthetic.describe()
     history = _truncate_log(out / LOG, state.iteration) if out is not None else []
     sinks = open_sinks(cfg, out=out, log=out / LOG if out is not None else None, progress=progress and run.is_main,
