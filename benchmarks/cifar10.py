@@ -25,6 +25,9 @@ the same recipe on the test split (tested once, after the last epoch, mean +- st
     MTT-LSS, soft labels      labels=soft (only with --methods lowrank_soft: the weak-experts check)
     MTT-LSS, labels counted   soft labels charged against the budget (count_labels=true): fewer images
     MTT-LSS, hard labels      no label floats at all
+    vector init / MTT-LSS form B (vector)   optional (--methods vector_init_hard vector_init_soft vector): the
+                       vector-subspace parameterisation (method.md 5.2), undistilled (truncated SVD of real images,
+                       hard or soft labels) and distilled (labels=auto); CPU scale only (no presets for it)
 
 Every soft-label row shows its label floats beside the image floats: soft labels are storage too, which DATM
 and TESLA leave out of the budget (float32 logits, images x classes, unless --override sets label_dtype or
@@ -87,7 +90,11 @@ SCALES = {
                 # 2026-12-01); before them, from 39.9: 44.5 for 60 steps, 43.9 for 40, 42.5 for 20, 41.8 for 10 of
                 # 64; a cosine lr decay did not add to 40 steps (43.3). Longer unrolls cost time linearly.
                 "lowrank": {"rank": 4, "code": "full", "subspaces": "shared", "num_subspaces": 1, "lr_img": 100.0,
-                            "syn_steps": 80, "batch_syn": 32, "iterations": 150}},
+                            "syn_steps": 80, "batch_syn": 32, "iterations": 150},
+                # form B (method.md 5.3's table, not tuned): one subspace shared by all classes, r 8: 76 images per
+                # class; the rest as the "lowrank" row
+                "vector": {"rank": 8, "subspaces": "shared", "num_subspaces": 1, "lr_img": 100.0,
+                           "syn_steps": 80, "batch_syn": 32, "iterations": 150}},
             10: {"window": {"current_max_start_epoch": 2, "max_start_epoch": 5, "expansion_end_epoch": 60},
                  "iterations": 80,
                  "pixel": {"lr_img": 100.0, "batch_syn": 100},
@@ -95,7 +102,13 @@ SCALES = {
                  # iteration 80 vs 47.5 for 20 steps of 100 and 46.5 for 10 of 100 (init 47.2), at 1.1x the time of 20x100;
                  # 80 steps of 50 (2026-12-01, from 47.3): 49.8 / 50.9 / 48.9 at iterations 40 / 60 / 80, twice the time
                  "lowrank": {"rank": 8, "code": "full", "subspaces": "per_class", "num_subspaces": 1, "lr_img": 100.0,
-                             "syn_steps": 40, "batch_syn": 50}},
+                             "syn_steps": 40, "batch_syn": 50},
+                 # form B (method.md 5.3's table, not tuned): one subspace per class, r 8: 768 images per class, not
+                 # capped: the inner loop costs batch_syn images per step and the "budget" epochs here train the same
+                 # steps whatever the decoded size, so 7,680 images add only their decoding, label start and the
+                 # initial SVDs (a 768 x 3072 float64 SVD took 2.5 s on one core: ~25 s for the 10 classes)
+                 "vector": {"rank": 8, "subspaces": "per_class", "num_subspaces": 1, "lr_img": 100.0,
+                            "syn_steps": 40, "batch_syn": 50}},
         },
     },
     "paper": {  # method.md 11.1 and 12.3: ConvNet-3 width 128, 1,000-epoch evaluation, 5 runs, DATM matching rows
@@ -158,10 +171,13 @@ def build_experts(plan: dict, out: Path, device: str | None, *, workers: int = 1
 
 
 def distill_config(plan: dict, ipc: int, param: str, **extra):
-    from mttlss.config import resolve_config
+    from mttlss.config import preset_names, resolve_config
 
     setting = plan["ipc"][ipc]
     if "preset" in setting:
+        if f"{setting['preset']}_{param}" not in preset_names():
+            raise SystemExit(f"no shipped preset {setting['preset']}_{param} for --scale paper (param={param} has no "
+                             f"presets); run the {param} rows with --scale cpu")
         cfg = resolve_config(preset=f"{setting['preset']}_{param}", **plan["matching"], **extra)
     else:
         values = {"ipc": ipc, "param": param, "iterations": setting["iterations"], **plan["matching"],
@@ -250,7 +266,11 @@ METHODS = [("lowrank init, hard labels", "lowrank_init_hard", "lowrank", {"itera
            ("MTT-LSS, soft labels", "lowrank_soft", "lowrank", {"labels": "soft"}),
            ("MTT-LSS, soft labels counted in the budget", "lowrank_counted", "lowrank",
             {"labels": "soft", "count_labels": True}),
-           ("MTT-LSS, hard labels", "lowrank_hard", "lowrank", {"labels": "hard"})]
+           ("MTT-LSS, hard labels", "lowrank_hard", "lowrank", {"labels": "hard"}),
+           # form B, the vector subspace (method.md 5.2), optional rows: --methods vector_init_hard vector_init_soft vector
+           ("vector init, hard labels", "vector_init_hard", "vector", {"iterations": 0, "labels": "hard"}),
+           ("vector init, soft labels", "vector_init_soft", "vector", {"iterations": 0, "labels": "soft"}),
+           ("MTT-LSS form B (vector)", "vector", "vector", {})]
 DEFAULT_METHODS = ["random", "lowrank_init_hard", "lowrank_init_soft", "pixel", "lowrank", "lowrank_counted", "lowrank_hard"]
 
 
@@ -266,7 +286,7 @@ def main() -> int:
     ap.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     ap.add_argument("--ipcs", type=int, nargs="+", default=[1, 10])
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=["random"] + [m[1] for m in METHODS],
-                    help="rows to build, by folder name (default: every row but lowrank_soft)")
+                    help="rows to build, by folder name (default: every row but lowrank_soft and the vector rows)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "cifar10"))
     ap.add_argument("--device", default=None)
     ap.add_argument("--workers", type=int, default=None,

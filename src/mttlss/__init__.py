@@ -10,7 +10,7 @@ The pipeline, one module per stage; each module uses only modules above it in th
     gsam            GSAM, sharpness-aware steps around SGD (an expert-training option)
     training        losses, one epoch, accuracy, one or several seeded networks trained and tested
     experts         expert trajectories: train, store, read
-    parameterization  pixel / low-rank synthetic sets and the storage-budget solver
+    parameterization  pixel / low-rank (form A; form B, vector) synthetic sets and the storage-budget solver
     ema             an exponential moving average of a synthetic set's parameters (FTD's EMA of the images)
     labels          hard / learnable soft labels and their initialisation from the experts
     initialization  the synthetic set's starting point (budget, correctly classified real images)

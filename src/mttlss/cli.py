@@ -5,7 +5,8 @@ reads or downloads torchvision's files instead):
 
     mttlss quickstart                                   # offline demo on sklearn digits, a few minutes on a CPU
     mttlss experts  --dataset npz:../shared/data/cifar10.npz --zca --num-experts 10 --epochs 50 --out experts/c10
-    mttlss budget   --dataset cifar10 --ipc 1 --rank 4  # images per class that fit the storage budget
+    mttlss budget   --dataset cifar10 --ipc 1 --rank 4  # images per class that fit the storage budget (form A)
+    mttlss budget   --dataset cifar10 --ipc 1 --rank 8 --param vector --subspaces shared   # form B: 76 per class
     mttlss distill  --experts experts/c10 --ipc 1 --param lowrank --preset cifar10_ipc1_lowrank --out runs/c10_ipc1
     mttlss evaluate runs/c10_ipc1/synthetic.safetensors --dataset npz:../shared/data/cifar10.npz --runs 5 --epochs 1000 --record
     mttlss export   runs/c10_ipc1/synthetic.safetensors --format ddranking --out export/c10_ipc1
@@ -19,6 +20,11 @@ Baselines at the same storage:
 
 Overrides: `--set key=value` (repeatable) on top of a preset (`mttlss presets` lists them, `--preset NAME`
 or a YAML path). Unknown keys are rejected with the list of valid ones.
+
+Synthetic sets (`--param`, or `--set param=...`): `lowrank` (MTT-LSS form A, the default: image = U_k S_i V_kᵀ
+per channel; `rank`, `code`, `share_channels`), `vector` (form B: image = M_k b_i + mu_k over flattened images, a
+PCA model; `rank`, `subspace_mean`, `mapper_downsample`), `pixel` (plain MTT). Both low-rank forms take
+`subspaces`, `num_subspaces`, `pairing`, `count_labels` and `max_images_per_class` (method.md section 5).
 
 Several processes: `mttlss experts --workers 4 ...` or `torchrun --nproc_per_node 4 -m mttlss experts ...`
 (each rank trains its share of the experts, one GPU per rank); `mttlss evaluate --workers 4` likewise.
@@ -139,10 +145,11 @@ def _print_expert_validity(experts) -> None:
 def cmd_budget(args) -> int:
     shape, classes = _shape_of(args.dataset, args.data_root)
     per_label = stored_label_floats(num_classes=classes, dtype=args.label_dtype, topk=args.label_topk)
-    print(budget_report(num_classes=classes, image_shape=shape, ipc=args.ipc, param="lowrank", rank=args.rank, code=args.code,
+    print(budget_report(num_classes=classes, image_shape=shape, ipc=args.ipc, param=args.param, rank=args.rank, code=args.code,
                         subspaces=args.subspaces, num_subspaces=args.num_subspaces, share_channels=args.share_channels,
                         count_labels=args.count_labels, label_floats_per_image=per_label,
-                        max_images_per_class=args.max_images_per_class))
+                        max_images_per_class=args.max_images_per_class, subspace_mean=args.subspace_mean,
+                        mapper_downsample=args.mapper_downsample))
     return 0
 
 
@@ -345,11 +352,16 @@ def _parser_budget(sub) -> None:
     p = sub.add_parser("budget", help="images per class that fit the storage budget")
     _add_data_args(p)
     p.add_argument("--ipc", type=int, required=True)
+    p.add_argument("--param", default=DistillConfig.param, choices=CHOICES["param"],
+                   help="lowrank: form A (U S V^T, default); vector: form B (one D x r mapper per subspace); pixel")
     p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--code", default="full", choices=CHOICES["code"])
+    p.add_argument("--code", default="full", choices=CHOICES["code"], help="form A only")
     p.add_argument("--subspaces", default=DistillConfig.subspaces, choices=CHOICES["subspaces"], help="default as in distill")
     p.add_argument("--num-subspaces", type=int, default=1)
-    p.add_argument("--share-channels", action="store_true")
+    p.add_argument("--share-channels", action="store_true", help="form A only")
+    p.add_argument("--subspace-mean", action="store_true", help="form B only: a mean per subspace, as distill's subspace_mean")
+    p.add_argument("--mapper-downsample", type=int, default=DistillConfig.mapper_downsample,
+                   help="form B only: mappers at H/f x W/f, upsampled bilinearly (2: half resolution, as RTP)")
     p.add_argument("--count-labels", action="store_true", help="charge soft labels against the budget")
     p.add_argument("--label-dtype", default=DistillConfig.label_dtype, choices=CHOICES["label_dtype"],
                    help="stored precision of soft labels, as distill's label_dtype")
@@ -435,7 +447,7 @@ def _parser_export(sub) -> None:
 
 
 def _parser_show(sub) -> None:
-    p = sub.add_parser("show", help="draw the synthetic images (and mappers / basis vectors for lowrank)")
+    p = sub.add_parser("show", help="draw the synthetic images (and mappers / basis vectors for lowrank and vector)")
     p.add_argument("artifact")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_show)

@@ -20,7 +20,7 @@ import yaml
 # The allowed values of every option that takes a name, declared once: DistillConfig.validate checks them and
 # the CLI offers them as `choices` (and evaluation recipes share the epoch modes).
 CHOICES: dict[str, tuple[str, ...]] = {
-    "param": ("lowrank", "pixel"),
+    "param": ("lowrank", "pixel", "vector"),
     "code": ("full", "diag"),
     "subspaces": ("per_class", "shared"),
     "pairing": ("fixed", "random"),
@@ -35,17 +35,43 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "label_dtype": ("float32", "float16"),
 }
 
+# Knobs that only one low-rank form reads, with their defaults. A value other than the default is refused under any
+# other param (pixel sets, as before form B existed, ignore form A's), so a setting never silently does nothing;
+# DistillConfig.validate and the budget solver (parameterization.solve_budget) both check it with check_form_knobs.
+FORM_ONLY: dict[str, dict[str, Any]] = {
+    "lowrank": {"code": "full", "share_channels": False},
+    "vector": {"subspace_mean": False, "mapper_downsample": 1},
+}
+
+
+def check_form_knobs(param: str, values: dict[str, Any]) -> None:
+    """Refuse a form-only knob in ``values`` set away from its default for another param (ValueError naming the fix)."""
+    for form, knobs in FORM_ONLY.items():
+        if form == param or (param == "pixel" and form == "lowrank"):
+            continue
+        for knob, default in knobs.items():
+            if knob in values and values[knob] != default:
+                value = str(values[knob]).lower() if isinstance(values[knob], bool) else values[knob]
+                raise ValueError(f"{knob}={value} applies to param={form} only, not param={param}; set param={form}, "
+                                 f"or drop {knob} (default {str(default).lower() if isinstance(default, bool) else default})")
+
 
 @dataclass
 class DistillConfig:
     # --- synthetic set -----------------------------------------------------------------------------------
     ipc: int = 1                      # storage budget in images per class (IPC x classes x C x H x W floats)
-    param: str = "lowrank"            # "lowrank" (MTT-LSS) | "pixel" (plain MTT)
-    rank: int = 4                     # r: rank of each dimension mapper
-    code: str = "full"                # basis vectors per image: "full" r x r core | "diag"
+    param: str = "lowrank"            # "lowrank" (MTT-LSS, form A: U_k S_i V_k^T, method.md 5.1) | "pixel" (plain MTT)
+                                      # | "vector" (form B: x_i = M_k b_i (+ mu_k) over flattened images, method.md 5.2)
+    rank: int = 4                     # r: rank of each dimension mapper (form B: columns of M_k, the length of b_i)
+    code: str = "full"                # form A's basis vectors per image: "full" r x r core | "diag"
     subspaces: str = "shared"         # "per_class" (K_c subspaces per class) | "shared" (K in all, used by every class)
     num_subspaces: int = 1            # K_c (per_class) or K (shared)
-    share_channels: bool = False      # one mapper pair for all channels (codes stay per channel)
+    share_channels: bool = False      # form A: one mapper pair for all channels (codes stay per channel)
+    # form B only (param=vector); the defaults reproduce method.md 5.3's form B table exactly
+    subspace_mean: bool = False       # a learnable mean mu_k per subspace (PCA's centre): costs K x D' floats of budget
+    mapper_downsample: int = 1        # f: mappers (and means) at C x H/f x W/f, decoded then upsampled bilinearly to
+                                      # H x W (RTP stores half-resolution bases: f=2, a quarter of the mapper floats);
+                                      # 1 = full resolution; must divide H and W
     pairing: str = "fixed"            # "fixed" | "random": a code may meet any mapper its class may use ("sampling")
     max_images_per_class: int | None = None  # cap on decoded images per class (evaluation and label cost grow with it)
     count_labels: bool = False        # charge soft labels against the budget (DATM/TESLA do not); with labels=auto
@@ -123,7 +149,7 @@ class DistillConfig:
     def validate(self) -> "DistillConfig":
         for name, allowed in CHOICES.items():
             _choice(name, getattr(self, name), allowed)
-        for name in ("ipc", "rank", "syn_steps", "expert_epochs", "num_subspaces", "checkpoint_every"):
+        for name in ("ipc", "rank", "syn_steps", "expert_epochs", "num_subspaces", "checkpoint_every", "mapper_downsample"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.iterations < 0:  # 0 writes the initialised set unchanged: the undistilled baseline
@@ -140,10 +166,11 @@ class DistillConfig:
         if self.lr_mapper is not None and self.lr_mapper < 0:
             raise ValueError(f"lr_mapper must be >= 0, got {self.lr_mapper}")
         self._validate_labels()
-        if self.eval_epoch_mode == "repaired" and (self.param != "lowrank" or self.pairing != "random"):
+        check_form_knobs(self.param, {k: getattr(self, k) for knobs in FORM_ONLY.values() for k in knobs})
+        if self.eval_epoch_mode == "repaired" and (self.param == "pixel" or self.pairing != "random"):
             raise ValueError("eval_epoch_mode=repaired re-pairs codes with mappers each epoch, so it needs param=lowrank "
-                             f"and pairing=random (got param={self.param}, pairing={self.pairing}); set pairing=random, "
-                             "or eval_epoch_mode=decoded")
+                             f"or vector and pairing=random (got param={self.param}, pairing={self.pairing}); set "
+                             "pairing=random, or eval_epoch_mode=decoded")
         if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}: set e.g. 0.999 (FTD uses 0.999 to "
                              "0.9999), or null or 0 to turn the average off")

@@ -1,9 +1,10 @@
 """Where distillation starts: the storage budget -> real training images -> the synthetic set.
 
 ``init_synthetic`` solves the budget (images per class that fit), picks real training images per class and
-builds the pixel set or re-codes them into low-rank subspaces (method.md sections 5 and 6). With
-``init="correct"`` (DATM) it picks images an expert's final checkpoint classifies correctly
-(``correct_candidates``); ``"real"`` picks any; ``"noise"`` keeps the shapes and redraws every factor.
+builds the pixel set or re-codes them into low-rank subspaces: form A's 2-D PCA or form B's truncated SVD
+(method.md 5.5 and section 6). With ``init="correct"`` (DATM) it picks images an expert's final checkpoint
+classifies correctly (``correct_candidates``); ``"real"`` picks any; ``"noise"`` keeps the shapes and redraws
+every factor.
 The soft labels' starting logits come from the same experts (``labels.init_soft_labels``); the budget makes
 room for them when ``count_labels`` is set and the labels may be soft.
 """
@@ -20,7 +21,7 @@ from mttlss.data import RealData
 from mttlss.experts import ExpertSet
 from mttlss.labels import expert_logits, stored_label_floats
 from mttlss.models import ParamLayout
-from mttlss.parameterization import Budget, LowRankSet, PixelSet, SyntheticSet, solve_budget
+from mttlss.parameterization import Budget, LowRankSet, PixelSet, SyntheticSet, VectorSet, solve_budget
 
 
 def _budget(cfg: DistillConfig, data: RealData) -> Budget:
@@ -31,7 +32,8 @@ def _budget(cfg: DistillConfig, data: RealData) -> Budget:
         num_classes=data.num_classes, image_shape=(data.channels, *data.image_size), ipc=cfg.ipc, param=cfg.param,
         rank=cfg.rank, code=cfg.code, subspaces=cfg.subspaces, num_subspaces=cfg.num_subspaces,
         share_channels=cfg.share_channels, count_labels=cfg.count_labels and soft, label_floats_per_image=per_label,
-        max_images_per_class=cfg.max_images_per_class,
+        max_images_per_class=cfg.max_images_per_class, subspace_mean=cfg.subspace_mean,
+        mapper_downsample=cfg.mapper_downsample,
     )
 
 
@@ -75,15 +77,18 @@ def init_synthetic(cfg: DistillConfig, *, data: RealData, x_train: torch.Tensor,
     x_cpu, y_cpu = x_train.cpu(), data.y_train.cpu()
     shape = (data.channels, *data.image_size)
     info: dict[str, Any] = {"budget": budget.as_dict()}
+    common = dict(num_classes=data.num_classes, images_per_class=budget.images_per_class, generator=gen,
+                  candidates=candidates)
+    subspace = dict(rank=cfg.rank, subspaces=cfg.subspaces, num_subspaces=cfg.num_subspaces, pairing=cfg.pairing)
     if cfg.param == "pixel":
-        syn = PixelSet.from_real(x_cpu, y_cpu, num_classes=data.num_classes, images_per_class=budget.images_per_class,
-                                 generator=gen, candidates=candidates)
+        syn = PixelSet.from_real(x_cpu, y_cpu, **common)
+    elif cfg.param == "vector":
+        syn, rec = VectorSet.from_real(x_cpu, y_cpu, **common, **subspace, subspace_mean=cfg.subspace_mean,
+                                       mapper_downsample=cfg.mapper_downsample)
+        info.update(rec)
     else:
-        syn, rec = LowRankSet.from_real(
-            x_cpu, y_cpu, num_classes=data.num_classes, images_per_class=budget.images_per_class, rank=cfg.rank,
-            code=cfg.code, subspaces=cfg.subspaces, num_subspaces=cfg.num_subspaces, share_channels=cfg.share_channels,
-            pairing=cfg.pairing, generator=gen, candidates=candidates,
-        )
+        syn, rec = LowRankSet.from_real(x_cpu, y_cpu, **common, **subspace, code=cfg.code,
+                                        share_channels=cfg.share_channels)
         info.update(rec)
     if cfg.init == "noise":
         with torch.no_grad():

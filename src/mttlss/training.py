@@ -175,9 +175,9 @@ class EvalRecipe:
     # "decoded": an epoch is a full pass over the decoded set.
     # "budget": an epoch is ceil(IPC x classes / batch) optimiser steps, the cost of one epoch of a pixel
     #  baseline with the same storage (method.md 11.2 (b)); the decoded set is cycled in shuffled batches.
-    # "repaired": HaBa's practice (method.md 11.2 (c)), low-rank sets with pairing=random only: an epoch is a full
-    #  pass over the n stored codes, and before each epoch every code is decoded afresh with a mapper drawn at
-    #  random (of its own class under per-class subspaces); a code keeps its label.
+    # "repaired": HaBa's practice (method.md 11.2 (c)), low-rank sets (lowrank or vector) with pairing=random only:
+    #  an epoch is a full pass over the n stored codes, and before each epoch every code is decoded afresh with a
+    #  mapper drawn at random (of its own class under per-class subspaces); a code keeps its label.
     epoch_mode: str = "decoded"
 
     def __post_init__(self) -> None:
@@ -203,20 +203,24 @@ def _require_recipe(recipe: Any) -> EvalRecipe:
     return recipe
 
 
+# The sets epoch_mode="repaired" can re-pair: both low-rank forms pair codes with subspaces (``subspaces_for``).
+REPAIRABLE = ("lowrank", "vector")
+
+
 class EpochModeError(UserError):
     """An epoch mode the synthetic set cannot be evaluated in; the message names the fix."""
 
 
 def check_epoch_mode(recipe: EvalRecipe, *, synthetic: Any) -> None:
-    """Refuse ``epoch_mode="repaired"`` unless ``synthetic`` is a low-rank set with pairing=random."""
+    """Refuse ``epoch_mode="repaired"`` unless ``synthetic`` is a low-rank set (form A or B) with pairing=random."""
     if recipe.epoch_mode != "repaired":
         return
     kind, pairing = getattr(synthetic, "kind", None), getattr(synthetic, "pairing", None)
-    if kind != "lowrank" or pairing != "random":
+    if kind not in REPAIRABLE or pairing != "random":
         what = "no synthetic set" if synthetic is None else f"a {kind} set" + (f" with pairing={pairing}" if pairing else "")
         raise EpochModeError(
             f"epoch_mode 'repaired' re-pairs codes with mappers each epoch, so it needs a low-rank set with "
-            f"pairing=random, not {what}; evaluate this set with epoch mode 'decoded' or 'budget' "
+            f"pairing=random (param lowrank or vector), not {what}; evaluate this set with epoch mode 'decoded' or 'budget' "
             f"(--epoch-mode decoded), or distil it with --set pairing=random")
 
 
@@ -228,7 +232,7 @@ def pairing_generator(seed: int) -> torch.Generator:
 
 def repaired_images(synthetic: Any, *, generator: torch.Generator) -> Tensor:
     """One epoch's training images [n, C, H, W], training space, detached: every stored code decoded with a
-    subspace drawn afresh from ``generator`` (``LowRankSet.subspaces_for``: one of its own class's under
+    subspace drawn afresh from ``generator`` (``subspaces_for`` of a low-rank set: one of its own class's under
     per-class subspaces). Row i is code i, so row i keeps label i."""
     with torch.no_grad():
         return synthetic.decode(generator=generator).detach()
@@ -271,7 +275,7 @@ def train_and_test(
     device: str = "cpu",
     steps_per_epoch: int | None = None,  # None: "decoded" epochs (full passes); else budget-mode steps
     return_model: bool = False,
-    synthetic: Any = None,  # epoch_mode="repaired": the LowRankSet (pairing=random) re-decoded before each epoch
+    synthetic: Any = None,  # epoch_mode="repaired": the LowRankSet / VectorSet (pairing=random) re-decoded each epoch
 ) -> dict:
     """Train one fresh network seeded with ``seed`` and test it once, after the last epoch.
 
@@ -396,7 +400,7 @@ def evaluate_synthetic(
     ipc: int | None = None,  # storage budget per class; needed for epoch_mode="budget"
     eval_split: str = "test",  # recorded only: which split x_test/y_test really are ("val" for selection)
     keep: str | Path | None = None,  # a folder: each finished network's result is kept there, and reused on a rerun
-    synthetic: Any = None,  # the set ``images`` decode from; needed (a LowRankSet, pairing=random) for "repaired"
+    synthetic: Any = None,  # the set ``images`` decode from; needed (low-rank, pairing=random) for "repaired"
 ) -> dict:
     """Train ``runs`` networks (seeds ``seed .. seed+runs-1``) on the synthetic set; per-seed and mean +- std.
 

@@ -2,7 +2,8 @@
 
 - ``save_grid``: class-major image grid, one class per row, nearest-neighbour upscaling, exact pixel size.
 - ``show_artifact``: the grid (+ a 2.5-sigma clipped variant) and, for low-rank sets, the dimension mappers
-  (U, V and the rank-1 components) and the basis vectors / codes (r x r cores), as in the paper's Fig. 4/5.
+  (form A: U, V and the rank-1 components; form B: each mapper column as an image, and the mean) and the basis
+  vectors / codes (form A: r x r cores; form B: code vectors), as in the paper's Fig. 4/5.
 - ``plot_curves``: matching loss (with moving average), lr and validation accuracy vs iteration from a
   JSONL log.
 """
@@ -159,9 +160,53 @@ def _plot_codes(syn, path: Path, class_names, *, per_class: int = 3, max_classes
     return _save_figure(fig, path)
 
 
+def _plot_vector_mappers(syn, path: Path, *, max_subspaces: int = 4, max_rank: int = 8) -> Path:
+    """Form B. Rows: the first subspaces; columns: the mean (when stored), then mapper columns M_k[:, j] as images
+    at the mapper resolution (C x H' x W')."""
+    c, h, w = syn.mapper_shape
+    maps = syn.mappers.detach().float().cpu()  # [K, D', r], D' = C * H' * W'
+    means = syn.means.detach().float().cpu() if syn.subspace_mean else None  # [K, D']
+    k_show, r_show = min(max_subspaces, maps.shape[0]), min(max_rank, maps.shape[-1])
+    first = 1 if means is not None else 0
+    fig = Figure(figsize=(1.3 * (first + r_show), 1.3 * k_show + 0.6), layout="constrained")
+    axes = fig.subplots(k_show, first + r_show, squeeze=False)
+
+    def image(vec: torch.Tensor) -> np.ndarray:
+        arr = vec.reshape(c, h, w).permute(1, 2, 0).numpy()  # [H', W', C]
+        return arr if c == 3 else arr[:, :, 0]
+
+    for k in range(k_show):
+        if means is not None:
+            _imshow(axes[k, 0], image(means[k]))
+        for j in range(r_show):
+            _imshow(axes[k, first + j], image(maps[k, :, j]))
+            if k == 0:
+                axes[0, first + j].set_title(f"r{j}", fontsize=7)
+        axes[k, 0].set_ylabel(f"subspace {k}", fontsize=7)
+    if means is not None:
+        axes[0, 0].set_title("mean", fontsize=7)
+    fig.suptitle(f"dimension mappers M_k (columns as {c}x{h}x{w} images)", fontsize=8)
+    return _save_figure(fig, path)
+
+
+def _plot_vector_codes(syn, path: Path, class_names, *, per_class: int = 16, max_classes: int = 10) -> Path:
+    """Form B. One panel per class: the code vectors b_i [r] of its first images, one row each."""
+    codes = syn.codes.detach().float().cpu()  # [n, r]
+    classes = syn.labels_hard().cpu()
+    k_show = min(max_classes, syn.num_classes)
+    fig = Figure(figsize=(0.25 * codes.shape[1] + 1.2, 0.9 * k_show + 0.4))
+    axes = fig.subplots(k_show, 1, squeeze=False)[:, 0]
+    for k in range(k_show):
+        idx = torch.nonzero(classes == k).flatten()[:per_class]
+        _imshow(axes[k], codes[idx].numpy())
+        axes[k].set_ylabel(str(class_names[k])[:12], fontsize=7)
+    fig.suptitle("basis vectors / codes b_i (rows: images, columns: r)", fontsize=8)
+    return _save_figure(fig, path)
+
+
 def show_artifact(artifact, out_path) -> list[Path]:
-    """Write the image grid at ``out_path`` (+ ``_clipped.png``); for low-rank sets also ``_mappers.png`` and
-    ``_codes.png`` next to it. Returns the files written."""
+    """Write the image grid at ``out_path`` (+ ``_clipped.png``); for low-rank sets (form A or B) also
+    ``_mappers.png`` and ``_codes.png`` next to it. Returns the files written."""
     out_path = Path(out_path)
     pixels = artifact.images_pixels()
     hard = artifact.synthetic.labels_hard().cpu()  # rows = the class each image was distilled for
@@ -169,7 +214,10 @@ def show_artifact(artifact, out_path) -> list[Path]:
     files = [save_grid(pixels, hard, names, out_path),
              save_grid(pixels, hard, names, _sibling(out_path, "_clipped.png"), clip_sigma=2.5)]
     syn = artifact.synthetic
-    if hasattr(syn, "mappers_U") and hasattr(syn, "codes"):
+    if getattr(syn, "kind", None) == "vector":
+        files.append(_plot_vector_mappers(syn, _sibling(out_path, "_mappers.png")))
+        files.append(_plot_vector_codes(syn, _sibling(out_path, "_codes.png"), names))
+    elif hasattr(syn, "mappers_U") and hasattr(syn, "codes"):
         files.append(_plot_mappers(syn, _sibling(out_path, "_mappers.png")))
         files.append(_plot_codes(syn, _sibling(out_path, "_codes.png"), names))
     return files
