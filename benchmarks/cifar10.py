@@ -218,18 +218,23 @@ def distill_job(cfg, experts_folder: str, out: str) -> dict:
     return {"artifact": str(result.artifact), "distill_seconds": round(time.time() - t0, 1)}
 
 
+def eval_recipe(plan: dict):
+    """The benchmark's test recipe, from ``plan['eval']`` (its runs are ``plan['eval']['runs']``)."""
+    from mttlss.training import EvalRecipe
+
+    e = plan["eval"]
+    return EvalRecipe(name=f"bench-{e['epochs']}", epochs=e["epochs"], batch_size=e["batch_size"], epoch_mode=e["epoch_mode"])
+
+
 def evaluate_job(path: str, plan: dict, experts_folder: str, device) -> dict:
     """Test one artifact once with the benchmark's recipe (mean +- std over ``plan['eval']['runs']`` networks)."""
     from mttlss.data import load_recorded
     from mttlss.evaluate import evaluate_artifact
     from mttlss.experts import ExpertSet
-    from mttlss.training import EvalRecipe
 
-    e = plan["eval"]
-    recipe = EvalRecipe(name=f"bench-{e['epochs']}", epochs=e["epochs"], batch_size=e["batch_size"], epoch_mode=e["epoch_mode"])
     data = load_recorded(ExpertSet(experts_folder).dataset)
     t0 = time.time()
-    res = evaluate_artifact(path, data=data, runs=e["runs"], recipe=recipe, device=device)
+    res = evaluate_artifact(path, data=data, runs=plan["eval"]["runs"], recipe=eval_recipe(plan), device=device)
     res["seconds"] = round(time.time() - t0, 1)
     return res
 

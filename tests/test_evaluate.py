@@ -312,3 +312,35 @@ def test_repaired_mode_end_to_end_through_the_cli(tmp_path, capsys):
     pixel = random_real_artifact(dataset="digits", ipc=1, out=tmp_path / "pixel.safetensors")
     assert cli.main(["evaluate", str(pixel), "--epochs", "3", "--runs", "1", "--epoch-mode", "repaired"]) == 2
     assert "pairing=random" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- other networks than the set's own
+
+
+def test_a_trailing_batch_of_one_joins_the_one_before_for_batchnorm_only():
+    from mttlss.training import decoded_batch_count, epoch_batches
+
+    plain = epoch_batches(10, batch_size=3, steps=None, generator=torch.Generator().manual_seed(0))
+    merged = epoch_batches(10, batch_size=3, steps=None, generator=torch.Generator().manual_seed(0), min_batch=2)
+    assert [len(b) for b in plain] == [3, 3, 3, 1] and [len(b) for b in merged] == [3, 3, 4]
+    assert torch.equal(torch.cat(plain), torch.cat(merged))  # the same permutation, every image once
+    assert [decoded_batch_count(n, batch_size=3, min_batch=2) for n in (1, 3, 4, 5, 10)] == [1, 1, 1, 2, 3]
+    assert [decoded_batch_count(n, batch_size=3) for n in (1, 3, 4, 5, 10)] == [1, 1, 2, 2, 4]
+
+
+def test_evaluate_artifact_trains_other_networks_with_their_own_options(tmp_path):
+    """ResNet-18 (BatchNorm) on 8x8 digits: its last stage sees 1x1 maps, where a batch of one image has no batch
+    statistics; 10 images in batches of 3 would end with one. The set's ConvNet width is not passed on."""
+    from mttlss.baselines import random_real_artifact
+
+    path = random_real_artifact(dataset="digits", ipc=1, out=tmp_path / "random.safetensors")
+    recipe = small(epochs=2, batch_size=3)
+    res = evaluate_artifact(path, model="resnet18_bn", recipe=recipe, runs=1, device="cpu")
+    assert res["model"] == {"name": "resnet18_bn", "norm": "batchnorm"} and 0.0 <= res["mean"] <= 1.0
+    assert res["runs"][0]["steps"] == 2 * 3  # batches of 3, 3 and 4 each epoch
+    own = evaluate_artifact(path, recipe=recipe, runs=1, device="cpu")  # the set's own ConvNet: batches 3, 3, 3, 1
+    assert own["model"]["name"] == "convnet" and own["runs"][0]["steps"] == 2 * 4
+    alex = evaluate_artifact(path, model="alexnet", recipe=recipe, runs=1, device="cpu")
+    assert alex["model"] == {"name": "alexnet"} and 0.0 <= alex["mean"] <= 1.0
+    with pytest.raises(ValueError, match=r"too small.*convnet, alexnet or resnet18_bn"):  # 5 pools on 8x8 images
+        evaluate_artifact(path, model="vgg11", recipe=recipe, runs=1, device="cpu")

@@ -98,3 +98,14 @@ def test_has_buffers():
     assert not has_buffers(_convnet())
     assert has_buffers(build_model("resnet18", channels=3, num_classes=10, image_size=(32, 32)))
     assert not has_buffers(build_model("alexnet", channels=3, num_classes=10, image_size=(32, 32)))
+
+
+def test_min_train_batch_and_too_small_images():
+    from mttlss.models import min_train_batch
+
+    assert [min_train_batch(build_model(n, channels=3, num_classes=2, image_size=(32, 32)))
+            for n in ("convnet", "resnet18_bn", "vgg11", "vgg11_bn", "alexnet")] == [1, 2, 1, 2, 1]
+    for name in ("vgg11", "vgg11_bn"):  # instance norm over a 1x1 map, or a map pooled away: the same sentence
+        with pytest.raises(ValueError, match=r"image_size \(8, 8\) is too small.*fewer pooling layers"):
+            build_model(name, channels=1, num_classes=10, image_size=(8, 8))
+    assert build_model("vgg11", channels=1, num_classes=10, image_size=(28, 28))(torch.randn(2, 1, 28, 28)).shape == (2, 10)

@@ -392,7 +392,8 @@ def _parser_evaluate(sub) -> None:
     p.add_argument("--data-root", default=None, help="where torchvision datasets are read from (or downloaded to)")
     p.add_argument("--zca", action="store_true", help="with --full-data")
     p.add_argument("--normalization", default=None, choices=CONVENTIONS, help="with --full-data: mean/std convention")
-    p.add_argument("--model", default=None, help="default: the artifact's architecture")
+    p.add_argument("--model", default=None, help="another network, with its registry options (convnet is width "
+                   "128; resnet18_bn, vgg11, alexnet, ...): a cross-architecture test; default: the artifact's own network")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--recipe", default="mtt-1000")
     p.add_argument("--epochs", type=int, default=None)

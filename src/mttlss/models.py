@@ -76,9 +76,10 @@ def _feature_dim(features: nn.Module, channels: int, image_size: tuple[int, int]
     features.eval()
     try:
         out = features(torch.zeros(1, channels, *image_size))
-    except RuntimeError as err:
-        raise ValueError(f"image_size {tuple(image_size)} is too small for this network; "
-                         "use a larger image or fewer pooling layers") from err
+    except (RuntimeError, ValueError) as err:  # a map pooled to nothing; instance norm over a single 1x1 value
+        raise ValueError(f"image_size {tuple(image_size)} is too small for this network (its pooling layers shrink "
+                         "the maps to 1x1 or less); use larger images or a network with fewer pooling layers "
+                         "(e.g. convnet, alexnet or resnet18_bn for 8x8 images)") from err
     finally:
         features.train(was_training)
     return out[0].numel()
@@ -316,6 +317,12 @@ class ParamLayout:
 def flatten_params(model: nn.Module) -> torch.Tensor:
     """The model's parameters as one detached flat vector [P], in ``ParamLayout.of(model)`` order."""
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def min_train_batch(model: nn.Module) -> int:
+    """The smallest batch ``model`` can train on: 2 with BatchNorm (its batch statistics need more than one value
+    per channel, and one 8x8 image reaches ResNet-18's last stage as a single 1x1 value), else 1."""
+    return 2 if any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) for m in model.modules()) else 1
 
 
 def has_buffers(model: nn.Module) -> bool:

@@ -36,7 +36,7 @@ from mttlss.distributed import gather, init_distributed, map_in_processes, shard
 from mttlss.errors import UserError
 from mttlss.gsam import GSAM
 from mttlss.io_utils import atomic_write_json
-from mttlss.models import build_model, model_spec
+from mttlss.models import build_model, min_train_batch, model_spec
 
 EPOCH_MODES = CHOICES["eval_epoch_mode"]
 
@@ -73,20 +73,31 @@ def soft_label_loss(logits: Tensor, target_logits: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- one epoch, accuracy
 
 
-def epoch_batches(n: int, *, batch_size: int, steps: int | None, generator: torch.Generator) -> list[Tensor]:
-    """Shuffled mini-batch indices: one pass over ``n`` images (``steps=None``; the last batch may be smaller),
-    or ``steps`` full batches cut from a stream of fresh permutations (budget mode), so every image is seen
+def epoch_batches(n: int, *, batch_size: int, steps: int | None, generator: torch.Generator,
+                  min_batch: int = 1) -> list[Tensor]:
+    """Shuffled mini-batch indices: one pass over ``n`` images (``steps=None``; the last batch may be smaller, and
+    joins the one before it when smaller than ``min_batch``: ``models.min_train_batch``, 2 for BatchNorm), or
+    ``steps`` full batches cut from a stream of fresh permutations (budget mode), so every image is seen
     before any is repeated.
 
     What differs from ``matching.batch_schedule``: there a batch never spans two permutations (the tail of a
     permutation too short for a batch is skipped); here batches run on across permutation boundaries.
     """
     if steps is None:
-        return list(torch.randperm(n, generator=generator).split(batch_size))
+        batches = list(torch.randperm(n, generator=generator).split(batch_size))
+        if len(batches) > 1 and len(batches[-1]) < min_batch:
+            batches[-2:] = [torch.cat(batches[-2:])]
+        return batches
     batch = min(batch_size, n)
     need = steps * batch
     perms = [torch.randperm(n, generator=generator) for _ in range(math.ceil(need / n))]
     return list(torch.cat(perms)[:need].split(batch))
+
+
+def decoded_batch_count(n: int, *, batch_size: int, min_batch: int = 1) -> int:
+    """Batches in one full pass over ``n`` images (``epoch_batches`` with ``steps=None``)."""
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest and (rest >= min_batch or not full) else 0)
 
 
 def train_one_epoch(
@@ -106,7 +117,9 @@ def train_one_epoch(
     """One epoch of SGD (or GSAM); returns the mean training loss over the batches (at the weights before each step)."""
     model.train()
     total, count = torch.zeros((), device=x.device), 0
-    for idx in epoch_batches(x.shape[0], batch_size=batch_size, steps=steps, generator=generator):
+    batches = epoch_batches(x.shape[0], batch_size=batch_size, steps=steps, generator=generator,
+                            min_batch=min_train_batch(model))
+    for idx in batches:
         idx = idx.to(x.device)
         xb, tb = x[idx], targets[idx]
         if dsa_config is not None:
@@ -304,7 +317,8 @@ def train_and_test(
             x = repaired_images(synthetic, generator=pair_gen).to(device)
         loss = train_one_epoch(model, optimizer, x=x, targets=t, batch_size=recipe.batch_size, dsa_config=dsa_config,
                                generator=shuffle_gen, steps=steps_per_epoch, dsa_generator=dsa_gen)
-        steps += steps_per_epoch or math.ceil(x.shape[0] / recipe.batch_size)
+        steps += steps_per_epoch or decoded_batch_count(x.shape[0], batch_size=recipe.batch_size,
+                                                        min_batch=min_train_batch(model))
         _check_finite(loss, seed=seed, epoch=epoch, recipe=recipe, lr=optimizer.param_groups[0]["lr"])
     result = {
         "seed": seed,
