@@ -17,27 +17,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "src"))  # this checkout's mttlss, not another one installed
+
+from label_storage import cpu_model  # noqa: E402  (benchmarks/, the folder of this script)
 
 
 def _log(path: str | Path, n: int) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()][:n]
-
-
-def _cpu() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def main() -> int:
@@ -56,6 +48,7 @@ def main() -> int:
     from mttlss.data import load_recorded
     from mttlss.distillation import distill
     from mttlss.experts import ExpertSet
+    from mttlss.io_utils import atomic_write_json, atomic_write_text
 
     torch.set_num_threads(args.threads)
     plan = bench.plan_for("cpu", expert_epochs=1, smoke=False)
@@ -75,18 +68,18 @@ def main() -> int:
     lines += [f"| {r['iteration']} | {r['default_now']:.7f} ({r['skipped_now']}) | {r['unguarded']:.7f} | "
               f"{r['stalled_before']:.7f} ({r['skipped_before']}) |" for r in rows]
     guard = result.init_info["guard"]
-    summary = (f"{_cpu()}, torch {torch.__version__}, {args.threads} thread(s), {time.time() - t0:.0f} s. "
+    summary = (f"{cpu_model()}, torch {torch.__version__}, {args.threads} thread(s), {time.time() - t0:.0f} s. "
                f"Guard: {guard['why']}. Losses identical to the threshold=1e9 run in all {len(rows)} iterations: {same}.")
     print("\n".join(lines) + "\n\n" + summary)
     if args.record:
         stem = ROOT / "benchmarks" / "results" / f"guard_probe_{time.strftime('%Y-%m-%d')}"
-        stem.with_suffix(".json").write_text(json.dumps({"benchmark": "guard_probe", "cpu": _cpu(),
-                                                          "threads": args.threads, "torch": torch.__version__,
-                                                          "guard": guard, "rows": rows, "identical": same,
-                                                          "argv": sys.argv}, indent=1))
-        stem.with_suffix(".md").write_text(f"Update-guard probe on one-epoch CIFAR-10 experts ({time.strftime('%Y-%m-%d')})\n\n"
-                                           + "\n".join(lines) + "\n\n" + summary + "\n\nCommand: `python "
-                                           + " ".join(sys.argv) + "`\n")
+        atomic_write_json(stem.with_suffix(".json"), {"benchmark": "guard_probe", "cpu": cpu_model(),
+                                                      "threads": args.threads, "torch": torch.__version__,
+                                                      "guard": guard, "rows": rows, "identical": same,
+                                                      "argv": sys.argv})
+        atomic_write_text(stem.with_suffix(".md"), f"Update-guard probe on one-epoch CIFAR-10 experts "
+                          f"({time.strftime('%Y-%m-%d')})\n\n" + "\n".join(lines) + "\n\n" + summary
+                          + "\n\nCommand: `python " + " ".join(sys.argv) + "`\n")
     return 0 if same else 1
 
 

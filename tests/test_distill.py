@@ -286,7 +286,7 @@ def test_a_guard_that_would_block_every_update_is_lifted_and_the_run_is_the_ungu
     unguarded = distill(tiny(iterations=6, threshold=1e9, threshold_probe=0), experts=experts, out=None, progress=False)
     guard = lifted.init_info["guard"]
     assert guard["lifted"] is True and len(guard["probe_losses"]) == 3
-    assert "update guard lifted" in err and "threshold_probe=0" in err
+    assert "update guard lifted: the first 3 segments" in err and "threshold_probe=0" in err
     assert not any(r["skipped"] for r in lifted.history)
     assert _losses(lifted.history) == _losses(unguarded.history)  # the probe draws nothing the run draws
     for key, value in unguarded.synthetic.state_dict().items():
@@ -302,7 +302,7 @@ def test_a_guard_that_would_block_every_update_is_lifted_and_the_run_is_the_ungu
 def test_a_guard_that_lets_some_probed_segment_through_stays_on(experts):
     probed = distill(tiny(iterations=3, threshold=1e9), experts=experts, out=None, progress=False)
     guard = probed.init_info["guard"]
-    assert guard["lifted"] is False and "update guard on" in guard["why"]
+    assert guard["lifted"] is False and "are skipped" in guard["why"]
     losses = sorted(guard["probe_losses"])
     # a threshold between the probed losses: one segment gets through, so the guard keeps skipping the others
     middle = (losses[0] + losses[1]) / 2
@@ -312,13 +312,47 @@ def test_a_guard_that_lets_some_probed_segment_through_stays_on(experts):
     assert any(r["skipped"] for r in kept.history)
 
 
-def test_a_lifted_guard_stays_lifted_on_resume(experts, tmp_path):
-    whole = distill(tiny(iterations=8, threshold=0.0), experts=experts, out=tmp_path / "a", progress=False)
-    distill(tiny(iterations=8, threshold=0.0, stop_after=3), experts=experts, out=tmp_path / "b", progress=False)
-    resumed = distill(tiny(iterations=8, threshold=0.0), experts=experts, out=tmp_path / "b", progress=False)
-    assert not any(r["skipped"] for r in resumed.history)
+@pytest.mark.parametrize("lifted", [True, False])
+def test_the_start_s_guard_decision_is_kept_on_resume(experts, tmp_path, monkeypatch, lifted):
+    import mttlss.distillation as distill_mod
+
+    probed = distill(tiny(iterations=3, threshold=1e9), experts=experts, out=None, progress=False)
+    losses = sorted(probed.init_info["guard"]["probe_losses"])
+    # threshold 0 lifts the guard; one between the probed losses keeps it on (and skips the segments above it)
+    threshold = 0.0 if lifted else (losses[0] + losses[1]) / 2
+    whole = distill(tiny(iterations=8, threshold=threshold), experts=experts, out=tmp_path / "a", progress=False)
+    distill(tiny(iterations=8, threshold=threshold, stop_after=3), experts=experts, out=tmp_path / "b", progress=False)
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("a resumed run must read the start's decision, not probe again")
+
+    monkeypatch.setattr(distill_mod, "settle_guard", no_probe)
+    resumed = distill(tiny(iterations=8, threshold=threshold), experts=experts, out=tmp_path / "b", progress=False)
+    assert resumed.init_info["guard"]["lifted"] is lifted
+    assert [r["skipped"] for r in resumed.history] == [r["skipped"] for r in whole.history]
     assert _losses(resumed.history) == pytest.approx(_losses(whole.history), rel=1e-6)
-    assert resumed.init_info["guard"]["lifted"] is True
+    if lifted:
+        assert not any(r["skipped"] for r in resumed.history)
+
+
+def test_a_probe_loss_that_is_not_finite_never_lifts_the_guard(experts, monkeypatch):
+    import mttlss.distillation as distill_mod
+
+    real = distill_mod.segment_loss
+    calls = []
+
+    def first_infinite(*args, **kwargs):
+        loss, record = real(*args, **kwargs)
+        calls.append(record["iteration"])
+        if len(calls) == 1:  # the probe's first segment
+            return loss, {**record, "loss": float("inf")}
+        return loss, record
+
+    monkeypatch.setattr(distill_mod, "segment_loss", first_infinite)
+    run = distill(tiny(iterations=3, threshold=0.0, max_consecutive_skips=5), experts=experts, out=None, progress=False)
+    guard = run.init_info["guard"]
+    assert guard["lifted"] is False and guard["probe_losses"][0] is None
+    assert json.loads(json.dumps(guard, allow_nan=False)) == guard  # strict JSON: no Infinity token
 
 
 def test_threshold_probe_must_not_be_negative():

@@ -503,20 +503,23 @@ def settle_guard(run: _Run, state: DistillState) -> dict[str, Any]:
     cfg = run.cfg
     probe = range(state.iteration, state.iteration + min(cfg.threshold_probe, cfg.iterations - state.iteration))
     if len(probe) == 0:
+        knob = "threshold_probe=0" if cfg.threshold_probe == 0 else "no iteration left to probe"
         return {"threshold": cfg.threshold, "lifted": False, "probe_losses": [],
-                "why": f"the guard skips an update whose loss exceeds threshold={cfg.threshold:g} (nothing probed)"}
+                "why": f"updates whose loss exceeds threshold={cfg.threshold:g} are skipped (not probed: {knob})"}
     with torch.no_grad():  # checkpoint mode's forward keeps no graph: the probe costs a forward unroll per segment
         losses = [segment_loss(cfg, state, iteration=i, model=run.model, layout=run.layout, experts=run.experts,
                                device=run.device, dsa_config=run.dsa_config, memory="checkpoint")[1]["loss"]
                   for i in probe]
     shown = ", ".join(f"{v:.3g}" for v in losses)
-    lifted = all(v > cfg.threshold for v in losses)  # a non-finite loss never lifts it: its iteration stops the run
-    why = (f"update guard lifted: the first {len(losses)} segments' matching losses on the initial set ({shown}) all "
-           f"exceed threshold={cfg.threshold:g}, so the guard would skip every update and the set would never move; "
-           f"no update is skipped in this run (set threshold_probe=0 to keep the guard)" if lifted else
-           f"update guard on: the first {len(losses)} segments' matching losses on the initial set ({shown}); updates "
+    # a non-finite loss never lifts it (its iteration stops the run), and is recorded as None: JSON has no inf/nan
+    lifted = all(math.isfinite(v) and v > cfg.threshold for v in losses)
+    why = (f"the first {len(losses)} segments' matching losses on the initial set ({shown}) all exceed "
+           f"threshold={cfg.threshold:g}, so the guard would skip every update and the set would never move: no "
+           f"update is skipped in this run (to keep the guard, start again with a new --out and threshold_probe=0)"
+           if lifted else f"the first {len(losses)} segments' matching losses on the initial set ({shown}); updates "
            f"whose loss exceeds threshold={cfg.threshold:g} are skipped")
-    return {"threshold": cfg.threshold, "lifted": lifted, "probe_losses": losses, "why": why}
+    return {"threshold": cfg.threshold, "lifted": lifted, "why": why,
+            "probe_losses": [v if math.isfinite(v) else None for v in losses]}
 
 
 def _timed_step(run: _Run, state: DistillState) -> dict[str, Any]:
@@ -745,8 +748,9 @@ def distill(config: DistillConfig, *, experts: str | Path | ExpertSet, out: str 
         if "batch_syn" in info:
             print(info["batch_syn"]["why"], file=sys.stderr)
         print(why, file=sys.stderr)
-        if "why" in guard and not resumed:
-            print(guard["why"], file=sys.stderr)
+        if "why" in guard:
+            print(f"update guard {'lifted' if guard.get('lifted') else 'on'}"
+                  f"{' (decided at the start)' if resumed else ''}: {guard['why']}", file=sys.stderr)
     description = state.synthetic.describe()
     history = _truncate_log(out / LOG, state.iteration) if out is not None else []
     sinks = open_sinks(cfg, out=out, log=out / LOG if out is not None else None, progress=progress and run.is_main,
