@@ -487,6 +487,18 @@ def _choose_real_indices(y: torch.Tensor, *, num_classes: int, images_per_class:
 # ----------------------------------------------------------------------------------------------------
 
 
+def _check_real(x: torch.Tensor, y) -> None:
+    """The real images a set is initialised from: ``x`` [N, C, H, W] with one label per image in ``y`` [N]."""
+    if x.dim() != 4 or x.shape[0] != torch.as_tensor(y).numel():
+        raise ValueError(f"x must be [N, C, H, W] with one label per image; got x {tuple(x.shape)}, "
+                         f"y {tuple(torch.as_tensor(y).shape)}")
+
+
+def _param_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of a set's parameters initialised from ``x``: its own, or torch's default for integer images."""
+    return x.dtype if x.is_floating_point() else torch.get_default_dtype()
+
+
 class SyntheticSet(nn.Module):
     """Base class: a synthetic set that decodes to images in the training space (class-major order)."""
 
@@ -575,13 +587,11 @@ class PixelSet(SyntheticSet):
                   generator: torch.Generator | None = None,
                   candidates: list[torch.Tensor] | None = None) -> "PixelSet":
         """Initialise from real images ``x`` [N, C, H, W] (training space) with labels ``y`` [N]."""
-        if x.dim() != 4 or x.shape[0] != torch.as_tensor(y).numel():
-            raise ValueError(f"x must be [N, C, H, W] with one label per image; got x {tuple(x.shape)}, "
-                             f"y {tuple(torch.as_tensor(y).shape)}")
+        _check_real(x, y)
         idx, _ = _choose_real_indices(y, num_classes=num_classes, images_per_class=images_per_class,
                                       generator=generator, candidates=candidates)
         s = cls(num_classes=num_classes, image_shape=tuple(x.shape[1:]), images_per_class=images_per_class)
-        dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+        dtype = _param_dtype(x)
         s.images = nn.Parameter(x[idx.to(x.device)].detach().to(dtype).clone())
         return s
 
@@ -701,9 +711,7 @@ class LowRankSet(_SubspaceSet):
         subspace. Returns (set, info); info["relative_reconstruction_error"] = ||X - decode|| / ||X|| over the
         chosen real images, info["repeated_images"] = how many picks reuse a real image (class too small).
         """
-        if x.dim() != 4 or x.shape[0] != torch.as_tensor(y).numel():
-            raise ValueError(f"x must be [N, C, H, W] with one label per image; got x {tuple(x.shape)}, "
-                             f"y {tuple(torch.as_tensor(y).shape)}")
+        _check_real(x, y)
         s = cls(num_classes=num_classes, image_shape=tuple(x.shape[1:]), images_per_class=images_per_class,
                 rank=rank, code=code, subspaces=subspaces, num_subspaces=num_subspaces,
                 share_channels=share_channels, pairing=pairing)
@@ -733,7 +741,7 @@ class LowRankSet(_SubspaceSet):
         vk = v[sub].expand(-1, c, -1, -1)
         core = torch.einsum("nchr,nchw,ncws->ncrs", uk, xd, vk)  # least squares: U^T X V (orthonormal U, V)
         codes = core if code == "full" else torch.diagonal(core, dim1=-2, dim2=-1)
-        dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+        dtype = _param_dtype(x)
         s.mappers_U = nn.Parameter(u.to(dtype))
         s.mappers_V = nn.Parameter(v.to(dtype))
         s.codes = nn.Parameter(codes.to(dtype).contiguous())
@@ -839,9 +847,7 @@ class VectorSet(_SubspaceSet):
         info["relative_reconstruction_error"] = ||X - decode|| / ||X|| over the chosen real images (at full
         resolution), info["repeated_images"] = how many picks reuse a real image (class too small).
         """
-        if x.dim() != 4 or x.shape[0] != torch.as_tensor(y).numel():
-            raise ValueError(f"x must be [N, C, H, W] with one label per image; got x {tuple(x.shape)}, "
-                             f"y {tuple(torch.as_tensor(y).shape)}")
+        _check_real(x, y)
         s = cls(num_classes=num_classes, image_shape=tuple(x.shape[1:]), images_per_class=images_per_class,
                 rank=rank, subspaces=subspaces, num_subspaces=num_subspaces, pairing=pairing,
                 subspace_mean=subspace_mean, mapper_downsample=mapper_downsample)
@@ -868,7 +874,7 @@ class VectorSet(_SubspaceSet):
                 means[k] = rows.mean(0)
             maps[k] = _top_right_singular_vectors(rows - means[k], rank, generator=generator)
             codes[mask] = (rows - means[k]) @ maps[k]  # least squares: M^T (x - mu), orthonormal M
-        dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+        dtype = _param_dtype(x)
         s.mappers = nn.Parameter(maps.to(dtype))
         s.codes = nn.Parameter(codes.to(dtype))
         if s.subspace_mean:
