@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from mttlss.config import resolve_config
 from mttlss.experts import ExpertConfig, train_experts
 from mttlss.models import model_spec
 
@@ -24,3 +25,22 @@ def experts_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("experts") / "digits"
     train_experts(tiny_expert_config(), out, progress=False)
     return out
+
+
+def tiny_distill_config(**overrides):
+    """Seconds-long distillation on the shared digits experts (6 stored epochs): low-rank, rank 2, shared mappers."""
+    base = dict(ipc=1, param="lowrank", rank=2, subspaces="shared", syn_steps=5, expert_epochs=2, iterations=12,
+                max_start_epoch=4, current_max_start_epoch=2, expansion_end_epoch=10, eval_every=6, eval_epochs=20,
+                eval_runs=1, grid_every=0, checkpoint_every=4, seed=0)
+    base.update(overrides)
+    return resolve_config(**base)
+
+
+def random_set(cls, *, seed: int = 0, **overrides):
+    """A set of class ``cls`` (3 classes of 3x8x10 images, 4 per class, rank 2) with standard-normal parameters."""
+    torch.manual_seed(seed)
+    s = cls(**{"num_classes": 3, "image_shape": (3, 8, 10), "images_per_class": 4, "rank": 2, **overrides})
+    with torch.no_grad():
+        for p in s.parameters():
+            p.normal_()
+    return s

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import mttlss
+from conftest import tiny_distill_config
 from mttlss.config import resolve_config
 from mttlss.distillation import DistillError, distill, expert_for_iteration, lr_factor
 from mttlss.experts import ExpertSet
@@ -15,11 +16,7 @@ from mttlss.training import soft_label_loss
 
 def tiny(**kw):
     """Seconds-long distillation on the shared digits experts (6 stored epochs)."""
-    base = dict(ipc=1, param="lowrank", rank=2, subspaces="shared", syn_steps=5, expert_epochs=2, iterations=12,
-                max_start_epoch=4, current_max_start_epoch=2, expansion_end_epoch=10, eval_every=6, eval_epochs=20,
-                eval_runs=1, grid_every=0, checkpoint_every=4, seed=0)
-    base.update(kw)
-    return resolve_config(**base)
+    return tiny_distill_config(**kw)
 
 
 @pytest.fixture(scope="module")

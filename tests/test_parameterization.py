@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+from conftest import random_set
 from mttlss.labels import stored_label_floats
 from mttlss.parameterization import (
     Budget,
@@ -140,14 +141,7 @@ SMALL = (3, 8, 10)
 
 
 def _random_set(seed=0, **kw) -> LowRankSet:
-    torch.manual_seed(seed)
-    args = dict(num_classes=3, image_shape=SMALL, images_per_class=4, rank=2)
-    args.update(kw)
-    s = LowRankSet(**args)
-    with torch.no_grad():
-        for p in s.parameters():
-            p.normal_()
-    return s
+    return random_set(LowRankSet, seed=seed, **kw)
 
 
 @pytest.mark.parametrize("code", ["full", "diag"])

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import mttlss
+from conftest import random_set, tiny_distill_config
 from mttlss import cli
 from mttlss.augment import DSAConfig
 from mttlss.config import DistillConfig, resolve_config
@@ -121,14 +122,7 @@ def test_config_knobs_and_their_validation():
 
 
 def _random_set(seed=0, **kw) -> VectorSet:
-    torch.manual_seed(seed)
-    args = dict(num_classes=3, image_shape=SMALL, images_per_class=4, rank=2)
-    args.update(kw)
-    s = VectorSet(**args)
-    with torch.no_grad():
-        for p in s.parameters():
-            p.normal_()
-    return s
+    return random_set(VectorSet, seed=seed, **kw)
 
 
 @pytest.mark.parametrize("subspaces, num_subspaces", [("per_class", 1), ("per_class", 2), ("shared", 3)])
@@ -363,11 +357,8 @@ def test_checkpoint_mode_gradients_equal_full_mode_for_a_vector_set():
 def tiny_vector(**kw):
     """Seconds-long form B distillation on the shared digits experts (1x8x8: D = 64; IPC 1 = 640 floats, one shared
     subspace of rank 4 = 256 mapper floats, (640 - 256) / (10 x 4) = 9 images per class)."""
-    base = dict(ipc=1, param="vector", rank=4, subspaces="shared", syn_steps=5, expert_epochs=2, iterations=6,
-                max_start_epoch=4, current_max_start_epoch=2, expansion_end_epoch=10, eval_every=3, eval_epochs=20,
-                eval_runs=1, grid_every=0, checkpoint_every=2, seed=0)
-    base.update(kw)
-    return resolve_config(**base)
+    return tiny_distill_config(**{"param": "vector", "rank": 4, "iterations": 6, "eval_every": 3,
+                                  "checkpoint_every": 2, **kw})
 
 
 @pytest.fixture(scope="module")
