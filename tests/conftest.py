@@ -5,7 +5,7 @@ import torch
 
 from mttlss.config import resolve_config
 from mttlss.experts import ExpertConfig, train_experts
-from mttlss.models import model_spec
+from mttlss.models import build_model, flatten_params, model_spec
 
 # One intra-op thread: the networks here are tiny, and on a small shared CPU two OpenMP threads that wait
 # for each other made single iterations 10-50x slower (measured: 4 pixel iterations 4.8 s vs 0.2 s).
@@ -44,3 +44,20 @@ def random_set(cls, *, seed: int = 0, **overrides):
         for p in s.parameters():
             p.normal_()
     return s
+
+
+def unroll_problem(syn, dtype):
+    """A tiny unroll around ``syn`` (a set of 3 classes of 3x16x16 images): a ConvNet (width 6, depth 2), the set's
+    parameters and soft label logits drawn at random, and a start and target [P] 0.05 apart. Returns (model, syn,
+    label_logits, start, target), all in ``dtype``."""
+    torch.manual_seed(0)
+    model = build_model(model_spec("convnet", width=6, depth=2), channels=3, num_classes=3, image_size=(16, 16)).to(dtype)
+    gen = torch.Generator().manual_seed(3)
+    syn = syn.to(dtype)
+    with torch.no_grad():
+        for p in syn.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype))
+    label_logits = torch.randn(syn.num_images, 3, generator=gen, dtype=dtype, requires_grad=True)
+    start = flatten_params(model)
+    target = start + 0.05 * torch.randn(start.shape, generator=gen, dtype=dtype)
+    return model, syn, label_logits, start, target

@@ -4,11 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import unroll_problem
 from mttlss.augment import DSAConfig
 from mttlss.distributed import reduce_partial_grads
 from mttlss.matching import batch_schedule, trajectory_loss, unroll_student
 from mttlss.models import ParamLayout, build_model, flatten_params, model_spec
-from mttlss.parameterization import LowRankSet
+from mttlss.parameterization import LowRankSet, VectorSet
 from mttlss.training import soft_label_loss
 
 
@@ -18,22 +19,22 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _lowrank_problem(dtype):
     """A tiny ConvNet, a low-rank set with random pairing (randomness inside decode), soft labels, DSA."""
-    torch.manual_seed(0)
-    model = build_model(model_spec("convnet", width=6, depth=2), channels=3, num_classes=3, image_size=(16, 16)).to(dtype)
-    gen = torch.Generator().manual_seed(3)
-    syn = LowRankSet(num_classes=3, image_shape=(3, 16, 16), images_per_class=4, rank=3, subspaces="shared",
-                     num_subspaces=2, pairing="random").to(dtype)
-    with torch.no_grad():
-        for p in syn.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype))
-    label_logits = torch.randn(syn.num_images, 3, generator=gen, dtype=dtype, requires_grad=True)
-    start = flatten_params(model)
-    target = start + 0.05 * torch.randn(start.shape, generator=gen, dtype=dtype)
-    return model, syn, label_logits, start, target
+    return unroll_problem(LowRankSet(num_classes=3, image_shape=(3, 16, 16), images_per_class=4, rank=3, subspaces="shared",
+                                 num_subspaces=2, pairing="random"), dtype)
 
 
-def _loss_and_grads(memory, dtype=torch.float64, dsa_config=DSAConfig()):
-    model, syn, label_logits, start, target = _lowrank_problem(dtype)
+def _vector_problem(dtype):
+    """The same with a form B set: half-resolution mappers, per-subspace means, random pairing."""
+    return unroll_problem(VectorSet(num_classes=3, image_shape=(3, 16, 16), images_per_class=4, rank=3,
+                                    subspaces="shared", num_subspaces=2, pairing="random", subspace_mean=True,
+                                    mapper_downsample=2), dtype)
+
+
+PROBLEMS = {"lowrank": _lowrank_problem, "vector": _vector_problem}
+
+
+def _loss_and_grads(memory, dtype=torch.float64, dsa_config=DSAConfig(), problem=_lowrank_problem):
+    model, syn, label_logits, start, target = problem(dtype)
     syn_lr = torch.tensor(0.05, dtype=dtype, requires_grad=True)
     gen = torch.Generator().manual_seed(11)
     batches = batch_schedule(syn.num_images, 5, 6, gen)
@@ -46,11 +47,15 @@ def _loss_and_grads(memory, dtype=torch.float64, dsa_config=DSAConfig()):
     return loss.detach(), grads, gen.get_state()
 
 
-def test_checkpoint_mode_gradients_equal_full_mode_in_float64():
-    loss_full, grads_full, state_full = _loss_and_grads("full")
-    loss_ckpt, grads_ckpt, state_ckpt = _loss_and_grads("checkpoint")
+@pytest.mark.parametrize("kind", PROBLEMS)
+def test_checkpoint_mode_gradients_equal_full_mode_in_float64(kind):
+    problem = PROBLEMS[kind]
+    loss_full, grads_full, state_full = _loss_and_grads("full", problem=problem)
+    loss_ckpt, grads_ckpt, state_ckpt = _loss_and_grads("checkpoint", problem=problem)
     assert torch.equal(loss_full, loss_ckpt)
-    assert len(grads_full) == len(list(_lowrank_problem(torch.float64)[1].parameters())) + 2  # factors, labels, alpha
+    # factors (lowrank: U, V, codes; vector: mappers, codes, means), labels, alpha
+    assert len(grads_full) == {"lowrank": 3, "vector": 3}[kind] + 2
+    assert len(grads_full) == len(list(problem(torch.float64)[1].parameters())) + 2
     for g_full, g_ckpt in zip(grads_full, grads_ckpt):
         assert g_full.abs().sum() > 0  # every learnable really gets a gradient
         assert _relative_error(g_ckpt, g_full) <= 1e-8

@@ -12,16 +12,13 @@ import torch.nn.functional as F
 import mttlss
 from conftest import random_set, tiny_distill_config
 from mttlss import cli
-from mttlss.augment import DSAConfig
 from mttlss.config import DistillConfig, resolve_config
 from mttlss.distillation import distill
 from mttlss.experts import ExpertSet
 from mttlss.export import export
-from mttlss.matching import batch_schedule, trajectory_loss, unroll_student
-from mttlss.models import ParamLayout, build_model, flatten_params, model_spec
 from mttlss.parameterization import (BudgetError, LowRankSet, VectorSet, _choose_real_indices, budget_report,
                                      build_synthetic_set, solve_budget)
-from mttlss.training import EvalRecipe, EpochModeError, check_epoch_mode, soft_label_loss
+from mttlss.training import EvalRecipe, EpochModeError, check_epoch_mode
 
 CIFAR = (3, 32, 32)
 SMALL = (3, 8, 10)
@@ -309,46 +306,6 @@ def test_describe_build_round_trip_and_state_dict(kw):
 
 
 # ---------------------------------------------------------------- memory=checkpoint gradients equal full mode's
-
-
-def _vector_problem(dtype):
-    """A tiny ConvNet, a half-resolution vector set with means and random pairing, soft labels, DSA."""
-    torch.manual_seed(0)
-    model = build_model(model_spec("convnet", width=6, depth=2), channels=3, num_classes=3, image_size=(16, 16)).to(dtype)
-    gen = torch.Generator().manual_seed(3)
-    syn = VectorSet(num_classes=3, image_shape=(3, 16, 16), images_per_class=4, rank=3, subspaces="shared",
-                    num_subspaces=2, pairing="random", subspace_mean=True, mapper_downsample=2).to(dtype)
-    with torch.no_grad():
-        for p in syn.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype))
-    label_logits = torch.randn(syn.num_images, 3, generator=gen, dtype=dtype, requires_grad=True)
-    start = flatten_params(model)
-    target = start + 0.05 * torch.randn(start.shape, generator=gen, dtype=dtype)
-    return model, syn, label_logits, start, target
-
-
-def _loss_and_grads(memory):
-    model, syn, label_logits, start, target = _vector_problem(torch.float64)
-    syn_lr = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
-    gen = torch.Generator().manual_seed(11)
-    batches = batch_schedule(syn.num_images, 5, 6, gen)
-    learnables = (*syn.parameters(), label_logits)
-    theta = unroll_student(model, ParamLayout.of(model), start, decode=lambda idx: syn.decode(idx, generator=gen),
-                           label_loss=lambda z, idx: soft_label_loss(z, label_logits[idx]), syn_lr=syn_lr,
-                           batches=batches, dsa_config=DSAConfig(), generator=gen, memory=memory, learnables=learnables)
-    loss = trajectory_loss(theta, start, target)
-    return loss.detach(), torch.autograd.grad(loss, (*learnables, syn_lr)), gen.get_state()
-
-
-def test_checkpoint_mode_gradients_equal_full_mode_for_a_vector_set():
-    loss_full, grads_full, state_full = _loss_and_grads("full")
-    loss_ckpt, grads_ckpt, state_ckpt = _loss_and_grads("checkpoint")
-    assert torch.equal(loss_full, loss_ckpt)
-    assert len(grads_full) == 3 + 2  # mappers, codes, means; labels; alpha
-    for g_full, g_ckpt in zip(grads_full, grads_ckpt):
-        assert g_full.abs().sum() > 0
-        assert float((g_ckpt - g_full).norm() / g_full.norm()) <= 1e-8
-    assert torch.equal(state_full, state_ckpt)
 
 
 # ---------------------------------------------------------------- the pipeline with param=vector
