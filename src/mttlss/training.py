@@ -84,20 +84,27 @@ def epoch_batches(n: int, *, batch_size: int, steps: int | None, generator: torc
     permutation too short for a batch is skipped); here batches run on across permutation boundaries.
     """
     if steps is None:
-        batches = list(torch.randperm(n, generator=generator).split(batch_size))
-        if len(batches) > 1 and len(batches[-1]) < min_batch:
-            batches[-2:] = [torch.cat(batches[-2:])]
-        return batches
+        sizes = _pass_sizes(n, batch_size=batch_size, min_batch=min_batch)
+        return list(torch.randperm(n, generator=generator).split(sizes))
     batch = min(batch_size, n)
     need = steps * batch
     perms = [torch.randperm(n, generator=generator) for _ in range(math.ceil(need / n))]
     return list(torch.cat(perms)[:need].split(batch))
 
 
+def _pass_sizes(n: int, *, batch_size: int, min_batch: int) -> list[int]:
+    """Batch sizes of one full pass over ``n`` images: full batches, then the rest, which joins the batch before it
+    when smaller than ``min_batch``."""
+    full, rest = divmod(n, batch_size)
+    sizes = [batch_size] * full + ([rest] if rest else [])
+    if len(sizes) > 1 and rest and rest < min_batch:
+        sizes[-2:] = [batch_size + rest]
+    return sizes
+
+
 def decoded_batch_count(n: int, *, batch_size: int, min_batch: int = 1) -> int:
     """Batches in one full pass over ``n`` images (``epoch_batches`` with ``steps=None``)."""
-    full, rest = divmod(n, batch_size)
-    return full + (1 if rest and (rest >= min_batch or not full) else 0)
+    return len(_pass_sizes(n, batch_size=batch_size, min_batch=min_batch))
 
 
 def train_one_epoch(
