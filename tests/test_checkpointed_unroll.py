@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from conftest import unroll_problem
 from mttlss.augment import DSAConfig
 from mttlss.distributed import reduce_partial_grads
-from mttlss.matching import batch_schedule, trajectory_loss, unroll_student
+from mttlss.matching import InnerSteps, batch_schedule, trajectory_loss, unroll_student
 from mttlss.models import ParamLayout, build_model, flatten_params, model_spec
 from mttlss.parameterization import LowRankSet, VectorSet
 from mttlss.training import soft_label_loss
@@ -33,15 +33,27 @@ def _vector_problem(dtype):
 PROBLEMS = {"lowrank": _lowrank_problem, "vector": _vector_problem}
 
 
-def _loss_and_grads(memory, dtype=torch.float64, dsa_config=DSAConfig(), problem=_lowrank_problem):
+def _loss_and_grads(memory, dtype=torch.float64, dsa_config=DSAConfig(), problem=_lowrank_problem, syn_steps=6):
+    """memory: a mode of unroll_student, or "stop_gradient": the reference for tesla, written out here as
+    theta_{n+1} = theta_n - alpha g_n(sg(theta_n)) with autograd's own backward (each step sees theta_n's value,
+    no gradient flows through the argument of g_n)."""
     model, syn, label_logits, start, target = problem(dtype)
     syn_lr = torch.tensor(0.05, dtype=dtype, requires_grad=True)
     gen = torch.Generator().manual_seed(11)
-    batches = batch_schedule(syn.num_images, 5, 6, gen)
+    batches = batch_schedule(syn.num_images, 5, syn_steps, gen)
     learnables = (*syn.parameters(), label_logits)
-    theta = unroll_student(model, ParamLayout.of(model), start, decode=lambda idx: syn.decode(idx, generator=gen),
-                           label_loss=lambda z, idx: soft_label_loss(z, label_logits[idx]), syn_lr=syn_lr,
-                           batches=batches, dsa_config=dsa_config, generator=gen, memory=memory, learnables=learnables)
+    decode = lambda idx: syn.decode(idx, generator=gen)  # noqa: E731
+    label_loss = lambda z, idx: soft_label_loss(z, label_logits[idx])  # noqa: E731
+    if memory == "stop_gradient":
+        steps = InnerSteps(model=model, layout=ParamLayout.of(model), decode=decode, label_loss=label_loss,
+                           batches=batches, dsa_config=dsa_config, generator=gen)
+        theta = start.clone()
+        for n in range(syn_steps):
+            theta = theta - syn_lr * steps.gradient(theta.detach().requires_grad_(True), n, create_graph=True)
+    else:
+        theta = unroll_student(model, ParamLayout.of(model), start, decode=decode, label_loss=label_loss,
+                               syn_lr=syn_lr, batches=batches, dsa_config=dsa_config, generator=gen, memory=memory,
+                               learnables=learnables)
     loss = trajectory_loss(theta, start, target)
     grads = torch.autograd.grad(loss, (*learnables, syn_lr))
     return loss.detach(), grads, gen.get_state()
@@ -61,6 +73,31 @@ def test_checkpoint_mode_gradients_equal_full_mode_in_float64(kind):
         assert _relative_error(g_ckpt, g_full) <= 1e-8
     # the replay restores the generator: the caller's next draws are the same in both modes
     assert torch.equal(state_full, state_ckpt)
+
+
+@pytest.mark.parametrize("kind", PROBLEMS)
+def test_tesla_mode_is_the_stop_gradient_unroll_and_not_the_exact_gradient(kind):
+    """memory="tesla" differentiates theta_N = theta_0 - alpha sum_n g_n(theta_n) with every theta_n held fixed:
+    the same loss as the exact modes, the gradients of the stop-gradient unroll (float64, <= 1e-8), and for
+    6 inner steps measurably not MTT's."""
+    problem = PROBLEMS[kind]
+    loss_full, grads_full, state_full = _loss_and_grads("full", problem=problem)
+    loss_tesla, grads_tesla, state_tesla = _loss_and_grads("tesla", problem=problem)
+    loss_ref, grads_ref, _ = _loss_and_grads("stop_gradient", problem=problem)
+    assert torch.equal(loss_tesla, loss_full)  # the forward is the exact unroll
+    assert torch.equal(state_tesla, state_full)
+    for g_tesla, g_ref in zip(grads_tesla, grads_ref, strict=True):
+        assert g_ref.abs().sum() > 0
+        assert _relative_error(g_tesla, g_ref) <= 1e-8
+    assert max(_relative_error(g_t, g_f) for g_t, g_f in zip(grads_tesla, grads_full)) > 1e-3
+
+
+def test_tesla_mode_is_exact_for_one_inner_step():
+    """With syn_steps 1 no later step depends on the batch: TESLA's rewrite drops nothing."""
+    _, grads_full, _ = _loss_and_grads("full", syn_steps=1)
+    _, grads_tesla, _ = _loss_and_grads("tesla", syn_steps=1)
+    for g_tesla, g_full in zip(grads_tesla, grads_full, strict=True):
+        assert _relative_error(g_tesla, g_full) <= 1e-10
 
 
 def test_checkpoint_mode_without_augmentation_or_learnables_still_trains_alpha():
@@ -135,7 +172,7 @@ def _rank_worker(rank: int, world_size: int, store: str, out: str, memory: str) 
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("memory", ["full", "checkpoint"])
+@pytest.mark.parametrize("memory", ["full", "checkpoint", "tesla"])
 def test_two_gloo_ranks_give_the_single_process_loss_and_gradients(tmp_path, memory):
     loss_one, grads_one, _ = _loss_and_grads(memory)
     out = str(tmp_path / "ranks")

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -224,6 +225,25 @@ def test_memory_mode_can_change_on_resume_but_precision_cannot(experts, tmp_path
     assert r.artifact is not None and len(r.history) == 8
     with pytest.raises(DistillError, match="precision"):
         distill(tiny(iterations=10, precision="bf16"), experts=experts, out=out, progress=False)
+
+
+def test_tesla_memory_mode_is_labelled_approximate_and_cannot_be_switched_on_resume(experts, tmp_path):
+    out = tmp_path / "run"
+    r = distill(tiny(iterations=4, stop_after=2, select_on="none", memory="tesla"), experts=experts, out=out,
+                progress=False)
+    assert r.init_info["memory"]["mode"] == "tesla" and r.init_info["memory"]["exact"] is False
+    assert "APPROXIMATE" in r.init_info["memory"]["why"]
+    for other in ("checkpoint", "auto"):
+        with pytest.raises(DistillError, match="memory=tesla"):
+            distill(tiny(iterations=4, select_on="none", memory=other), experts=experts, out=out, progress=False)
+    r = distill(tiny(iterations=4, select_on="none", memory="tesla"), experts=experts, out=out, progress=False)
+    assert len(r.history) == 4 and all(math.isfinite(h["loss"]) for h in r.history)
+    from mttlss.artifact import format_manifest, read_manifest
+
+    assert "unroll memory tesla (APPROXIMATE gradients)" in format_manifest(read_manifest(r.artifact))
+    exact = distill(tiny(iterations=2, select_on="none", memory="checkpoint"), experts=experts, out=None,
+                    progress=False)
+    assert exact.init_info["memory"]["exact"] is True
 
 
 def _distill_rank(rank: int, world_size: int, port: int, experts_dir: str, out: str, result: str) -> None:

@@ -464,7 +464,10 @@ def _label_format(storage: dict) -> str:
 
 def _memory_choice(choice: dict | None) -> list[str]:
     """How the run differentiated its unroll (``manifest["init"]["memory"]``): full graph or checkpointed replay."""
-    return [f"  unroll memory {choice.get('mode')}: {choice.get('why')}"] if choice else []
+    if not choice:
+        return []
+    approximate = " (APPROXIMATE gradients)" if choice.get("exact") is False else ""
+    return [f"  unroll memory {choice.get('mode')}{approximate}: {choice.get('why')}"]
 
 
 def _guard_choice(choice: dict | None) -> list[str]:

@@ -28,7 +28,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "select_on": ("val", "none"),
     "eval_epoch_mode": ("decoded", "budget", "repaired"),
     "lr_schedule": ("constant", "cosine"),
-    "memory": ("auto", "full", "checkpoint"),
+    "memory": ("auto", "full", "checkpoint", "tesla"),
     "precision": ("fp32", "bf16"),
     "labels": ("auto", "soft", "hard"),
     "label_init": ("experts", "onehot"),
@@ -120,10 +120,12 @@ class DistillConfig:
                                       # 0: never (a threshold set to skip on purpose)
     dsa: bool = True                  # DSA inside every inner step (and in evaluation)
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
-    # how the unroll is differentiated (method.md section 3); both modes give the same gradients
+    # how the unroll is differentiated (method.md section 3); full and checkpoint give the same gradients
     memory: str = "auto"              # "full": keep every inner step's graph (memory ~ syn_steps x batch_syn, as in MTT)
                                       # "checkpoint": replay one step at a time in the backward (memory flat in syn_steps)
                                       # "auto": full when its measured graph size fits half the free memory, else checkpoint
+                                      # "tesla": APPROXIMATE, TESLA's constant-memory gradient (drops the later steps'
+                                      # Hessian terms); never chosen by auto; a resume cannot switch it on or off
     precision: str = "fp32"           # "bf16": autocast the student network (only where bf16 is native: 22x slower on AMD EPYC)
 
     # --- the loop -------------------------------------------------------------------------------------------------

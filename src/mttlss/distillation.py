@@ -37,6 +37,7 @@ from mttlss.io_utils import StopRequest, atomic_torch_save, atomic_write_text
 from mttlss.labels import (check_label_storage, compact_labels, experts_mean_logits, label_candidates, label_stats,
                            raise_own_class)
 from mttlss.matching import (
+    EXACT_MEMORY_MODES,
     InnerSteps,
     batch_schedule,
     graph_bytes_per_step,
@@ -56,7 +57,7 @@ CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 ARTIFACT = "synthetic.safetensors"
 # knobs to settle before resuming a run: everything that changes what an iteration computes
-# (memory is not among them: both modes compute the same gradients)
+# (memory is not among them: full and checkpoint compute the same gradients; tesla, which does not, is checked apart)
 _RESUMABLE_CHANGES = {"iterations", "stop_after", "device", "tensorboard", "wandb", "checkpoint_every", "grid_every", "memory",
                       "force"}
 # knobs that only shape iteration 0 (the labels' start): a checkpoint written before they existed is past its start,
@@ -110,7 +111,7 @@ class _Run:
     dsa_config: DSAConfig | None
     out: Path | None
     is_main: bool = True                # under torchrun only rank 0 writes (log, checkpoints, artifact)
-    memory: str = "full"                # the resolved memory mode: "full" | "checkpoint"
+    memory: str = "full"                # the resolved memory mode: "full" | "checkpoint" | "tesla" (approximate)
     threshold: float | None = None      # the update guard's tau as settled at the start (``settle_guard``); None: cfg's
 
 
@@ -341,8 +342,9 @@ def memory_estimate(run: _Run, state: DistillState) -> dict[str, float]:
     thetas = cfg.syn_steps * start.numel() * start.element_size()  # checkpoint mode's theta_n block [N, P]
     data = sum(t.numel() * t.element_size() for t in (run.data.x_train, run.data.x_val, run.data.x_test, run.x_val)
                if t.device.type == torch.device(run.device).type)
-    return {"full": _ALLOCATOR_OVERHEAD * cfg.syn_steps * per_step,
-            "checkpoint": _ALLOCATOR_OVERHEAD * _CHECKPOINT_GRAPHS * per_step + thetas,
+    checkpoint = _ALLOCATOR_OVERHEAD * _CHECKPOINT_GRAPHS * per_step + thetas
+    return {"full": _ALLOCATOR_OVERHEAD * cfg.syn_steps * per_step, "checkpoint": checkpoint,
+            "tesla": checkpoint,  # the same replay, less the Hessian-vector product: at most checkpoint's peak
             "graph_per_step": float(per_step), "data": float(data)}
 
 
@@ -353,7 +355,10 @@ def choose_memory(run: _Run, state: DistillState) -> tuple[str, str, dict]:
     cfg = run.cfg
     est = memory_estimate(run, state)
     free = available_memory_bytes(run.device)
-    if cfg.memory != "auto":
+    if cfg.memory == "tesla":
+        mode, why = "tesla", ("memory=tesla was set: APPROXIMATE gradients (TESLA's constant-memory rewrite drops the "
+                              "later inner steps' Hessian terms; memory=checkpoint is exact at the same memory)")
+    elif cfg.memory != "auto":
         mode, why = cfg.memory, f"memory={cfg.memory} was set"
     elif free is None:
         mode, why = "checkpoint", f"memory=auto: free memory unknown; full mode would keep ~{est['full'] / _GIB:.1f} GiB of graph"
@@ -645,6 +650,9 @@ def _stored_config(ckpt: dict, cfg: DistillConfig) -> dict[str, Any]:
 def _check_resumable(out: Path, ckpt: dict, *, cfg: DistillConfig, experts: ExpertSet) -> None:
     old = {k: v for k, v in _stored_config(ckpt, cfg).items() if k not in _RESUMABLE_CHANGES}
     new = {k: v for k, v in cfg.to_dict().items() if k not in _RESUMABLE_CHANGES}
+    if (old_mode := _stored_config(ckpt, cfg).get("memory")) != cfg.memory and "tesla" in (old_mode, cfg.memory):
+        raise DistillError(f"{out} holds a run with memory={old_mode}; memory=tesla (approximate gradients) cannot be "
+                           "switched on or off on resume: repeat the original memory setting, or use another --out")
     if old != new:
         diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
         raise DistillError(f"{out} holds a run with other settings {diff} (stored, requested); use another --out, "
@@ -738,7 +746,8 @@ def distill(config: DistillConfig, *, experts: str | Path | ExpertSet, out: str 
     state, info, resumed = _start(run)
     info.update(chosen)
     memory, why, estimate = choose_memory(run, state)
-    run, info["memory"] = replace(run, memory=memory), {"mode": memory, "why": why, "estimate": estimate}
+    info["memory"] = {"mode": memory, "exact": memory in EXACT_MEMORY_MODES, "why": why, "estimate": estimate}
+    run = replace(run, memory=memory)
     if not resumed:
         info["guard"] = settle_guard(run, state)
     guard = info.get("guard", {})  # a checkpoint written before the probe existed: the guard was on

@@ -16,6 +16,12 @@ exact), in one of two ways that give the same gradients:
 - ``memory="checkpoint"``: the forward keeps theta_n [P] and the generator state of each step only; the
   backward replays the steps last to first, one graph alive at a time (``_CheckpointedUnroll``).
 
+``memory="tesla"`` is not exact: it replays the steps as checkpoint mode does but keeps the adjoint at
+dL/dtheta_N, i.e. it drops the path by which step n's batch moves theta_{n+1..N-1} and so the later inner
+gradients (the -alpha H_m a terms). That is TESLA's constant-memory rewrite (Cui et al., 2023), which
+differentiates theta_N = theta_0 - alpha sum_n g_n(theta_n) with every theta_n held fixed; it saves the
+Hessian-vector product of each step. Its gradient is MTT's for syn_steps 1 and an approximation beyond.
+
 Under torchrun each rank runs the network on its slice of every synthetic batch and the inner gradient is
 summed over ranks (``mttlss.distributed``); with one process those sums are the identity.
 """
@@ -87,7 +93,8 @@ def batch_schedule(num_images: int, batch_syn: int, steps: int, generator: torch
     return batches
 
 
-MEMORY_MODES = ("full", "checkpoint")
+MEMORY_MODES = ("full", "checkpoint", "tesla")
+EXACT_MEMORY_MODES = ("full", "checkpoint")  # "tesla" drops the later steps' Hessian terms
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -164,17 +171,18 @@ def unroll_student(
     ``memory="full"`` keeps the graph of every step until the outer backward (memory grows with
     syn_steps x batch_syn, as in MTT). ``memory="checkpoint"`` keeps only theta_n [P] and the generator state
     of each step and replays one step at a time in the backward pass: the same gradients, memory flat in
-    syn_steps, about one extra forward and backward per step. In checkpoint mode ``learnables`` must list every
-    tensor that ``decode`` and ``label_loss`` read and that should get a gradient (synthetic factors, label
-    logits); ``syn_lr`` gets its gradient in both modes.
+    syn_steps, about one extra forward and backward per step. ``memory="tesla"`` replays like checkpoint mode
+    but with TESLA's approximate gradient (module docstring). In checkpoint and tesla mode ``learnables`` must
+    list every tensor that ``decode`` and ``label_loss`` read and that should get a gradient (synthetic factors,
+    label logits); ``syn_lr`` gets its gradient in every mode.
     """
     if memory not in MEMORY_MODES or precision not in PRECISIONS:
         raise ValueError(f"memory={memory!r}, precision={precision!r}: use memory in {MEMORY_MODES} and precision in "
                          f"{PRECISIONS}")
     steps = InnerSteps(model=model, layout=layout, decode=decode, label_loss=label_loss, batches=batches,
                        dsa_config=dsa_config, generator=generator, precision=precision)
-    if memory == "checkpoint":
-        return _CheckpointedUnroll.apply(steps, start, syn_lr, *learnables)
+    if memory in ("checkpoint", "tesla"):
+        return _CheckpointedUnroll.apply(steps, memory == "checkpoint", start, syn_lr, *learnables)
     theta = start.detach().clone().requires_grad_(True)
     for n in range(len(batches)):
         mine = replicated(theta)  # every rank's slice uses theta_n: its cotangent is summed over ranks
@@ -187,11 +195,13 @@ class _CheckpointedUnroll(torch.autograd.Function):
 
     With theta_{n+1} = theta_n - alpha g_n and the adjoint a = dL/dtheta_{n+1}, one replayed step gives
     dL/dtheta_n = a - alpha H_n a, dL/dalpha += -<g_n, a> and dL/dphi += -alpha (dg_n/dphi)^T a for the
-    learnables phi, where H_n a and (dg_n/dphi)^T a come from one double backward of <g_n, a>.
+    learnables phi, where H_n a and (dg_n/dphi)^T a come from one double backward of <g_n, a>. With
+    ``exact=False`` (memory="tesla") the H_n a term is neither computed nor applied: a stays dL/dtheta_N.
     """
 
     @staticmethod
-    def forward(ctx, steps: InnerSteps, start: torch.Tensor, syn_lr: torch.Tensor, *learnables: torch.Tensor):
+    def forward(ctx, steps: InnerSteps, exact: bool, start: torch.Tensor, syn_lr: torch.Tensor,
+                *learnables: torch.Tensor):
         alpha = syn_lr.detach()
         # theta_n for n = 0 .. N-1, the only per-step memory: one block allocated up front, so that N small
         # allocations do not land between the steps' large activation buffers and fragment the heap
@@ -205,7 +215,7 @@ class _CheckpointedUnroll(torch.autograd.Function):
                 leaf = thetas[n].detach().requires_grad_(True)
                 grad = all_reduce_sum(steps.gradient(leaf, n, create_graph=False, graph_to_images=False))
             theta.sub_(alpha * grad)
-        ctx.steps, ctx.thetas, ctx.states = steps, thetas, states
+        ctx.steps, ctx.exact, ctx.thetas, ctx.states = steps, exact, thetas, states
         ctx.save_for_backward(syn_lr, *learnables)
         return theta
 
@@ -222,7 +232,9 @@ class _CheckpointedUnroll(torch.autograd.Function):
             with torch.enable_grad():
                 leaf = ctx.thetas[n].detach().requires_grad_(True)
                 grad = steps.gradient(leaf, n, create_graph=True)   # this rank's part g_n^r
-                hvp, *vjps = torch.autograd.grad(grad, [leaf, *learnables], grad_outputs=adjoint, allow_unused=True)
+                wrt = [leaf, *learnables] if ctx.exact else list(learnables)
+                outs = torch.autograd.grad(grad, wrt, grad_outputs=adjoint, allow_unused=True) if wrt else []
+                hvp, vjps = (outs[0], outs[1:]) if ctx.exact else (None, outs)
             # replicated: alpha's gradient and the adjoint use the whole g_n and H_n a; the learnables' parts
             # are summed over ranks by the caller (distributed.reduce_partial_grads) before the update
             alpha_grad = alpha_grad - torch.dot(all_reduce_sum(grad.detach()), adjoint)
@@ -230,10 +242,10 @@ class _CheckpointedUnroll(torch.autograd.Function):
             for j, vjp in enumerate(vjps):
                 if vjp is not None:
                     grads[j] = -alpha * vjp if grads[j] is None else grads[j] - alpha * vjp
-            if hvp is not None:  # None only for a network whose loss is linear in theta
+            if hvp is not None:  # None for tesla, or a network whose loss is linear in theta
                 adjoint = adjoint - alpha * hvp
         steps.set_rng_state(after)
-        return (None, adjoint, alpha_grad, *grads)
+        return (None, None, adjoint, alpha_grad, *grads)
 
 
 def graph_bytes_per_step(steps: InnerSteps, start: torch.Tensor) -> int:
