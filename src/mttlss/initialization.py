@@ -24,7 +24,8 @@ from mttlss.models import ParamLayout
 from mttlss.parameterization import Budget, LowRankSet, PixelSet, SyntheticSet, VectorSet, solve_budget
 
 
-def _budget(cfg: DistillConfig, data: RealData) -> Budget:
+def budget_for(cfg: DistillConfig, data: RealData) -> Budget:
+    """The storage budget of ``cfg`` on ``data`` (only its num_classes, channels and image_size are read)."""
     soft = cfg.label_mode != "hard"  # hard labels store nothing: label_dtype and label_topk do not apply
     per_label = (stored_label_floats(num_classes=data.num_classes, dtype=cfg.label_dtype, topk=cfg.label_topk)
                  if soft else None)
@@ -68,7 +69,7 @@ def init_synthetic(cfg: DistillConfig, *, data: RealData, x_train: torch.Tensor,
                    layout: ParamLayout, experts: ExpertSet, device: str) -> tuple[SyntheticSet, dict]:
     """Build the synthetic set from real training images ``x_train`` [N, C, H, W] (training space), per
     ``cfg.init``; returns it on ``device`` with a JSON-able record of the budget (and reconstruction error)."""
-    budget = _budget(cfg, data)
+    budget = budget_for(cfg, data)
     gen = torch.Generator().manual_seed(cfg.seed)
     candidates = None
     if cfg.init == "correct":

@@ -1,0 +1,187 @@
+"""What each stage of the paper protocol costs: FLOPs counted, memory measured, GPU time estimated.
+
+    python benchmarks/gpu_estimate.py --record               # every shipped preset, at an assumed 10 TFLOP/s
+    python benchmarks/gpu_estimate.py --tflops 25            # the rate your card sustains on these convolutions
+
+Counted, not guessed (device independent, on this machine's CPU in a few seconds): the FLOPs of the paper's
+network (ConvNet-3 width 128, 32x32x3) per training image and per test image, and of one inner step of the
+unroll per synthetic image, forward plus outer backward, in memory=full and memory=checkpoint
+(``torch.utils.flop_counter``, one small batch: both scale linearly with the batch); the bytes of graph that
+full mode keeps per image and inner step (``matching.graph_bytes_per_step``, the number ``mttlss distill``'s
+own memory check uses). Each preset then gives its stages' image counts:
+
+    experts    num_experts x epochs x training images (the train split less the validation split); the
+               epochs are 50 or what the dataset's longest window needs (max_start_epoch - 1 + expert_epochs)
+    distill    iterations x syn_steps x batch_syn image-steps, plus its validation networks (one per
+               eval_every iterations and one at the start: eval_epochs epochs over the decoded set) and their tests
+    evaluate   runs x epochs over the decoded set (the paper's decoded epochs) plus one test pass each
+
+**The times are estimates**: FLOPs / the ``--tflops`` rate, which is an assumption (no GPU was measured). At
+batch_syn 10 a GPU is bound by kernel launches, not FLOPs, so the IPC 1 pixel rows are under-estimates; the
+decode, DSA and data loading are not counted. Memory: full mode's graph (x1.2 allocator overhead, as distill
+estimates it) and checkpoint mode's two step graphs plus theta_n [N, P]; the resident model, data and CUDA
+context come on top. ``benchmarks/speed.py --device cuda --paper`` measures the unroll where a GPU is lent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import date
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))  # this checkout's mttlss
+
+from mttlss.config import preset_names, resolve_config  # noqa: E402
+from mttlss.initialization import budget_for  # noqa: E402
+from mttlss.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
+from mttlss.matching import InnerSteps, batch_schedule, graph_bytes_per_step, trajectory_loss, unroll_student  # noqa: E402
+from mttlss.models import ParamLayout, build_model, flatten_params, model_spec  # noqa: E402
+
+# the paper protocol (benchmarks/cifar10.py SCALES["paper"], method.md 11.1): experts and final evaluation
+EXPERTS = {"num_experts": 100, "epochs": 50}  # epochs: at least (expert_epochs_for)
+EVALUATION = {"runs": 5, "epochs": 1000}
+VAL_FRACTION, VAL_MAX = 0.1, 5000  # ExpertConfig's: the validation split held out of the train split
+DATASETS = {"cifar10": (10, 50000, 10000), "cifar100": (100, 50000, 10000), "svhn": (10, 73257, 26032)}
+SPEC = model_spec("convnet", width=128, depth=3)
+_GIB = 2**30
+
+
+def flops(fn) -> float:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def counted(num_classes: int, *, batch: int = 8, steps: int = 2) -> dict:
+    """FLOPs per image (train step, test forward) and per image-step of the unroll, graph bytes per image-step."""
+    torch.manual_seed(0)
+    model = build_model(SPEC, channels=3, num_classes=num_classes, image_size=(32, 32))
+    x = torch.randn(batch, 3, 32, 32)
+    y = torch.arange(batch) % num_classes
+    train = flops(lambda: F.cross_entropy(model(x), y).backward()) / batch
+    with torch.no_grad():
+        test = flops(lambda: model(x)) / batch
+    layout, start = ParamLayout.of(model), flatten_params(model)
+    target = start + 0.01 * torch.randn(start.shape)
+    out = {"train_flop_per_image": train, "test_flop_per_image": test, "params": start.numel()}
+    for memory in ("full", "checkpoint"):
+        syn = x.clone().requires_grad_(True)
+        lr = torch.tensor(0.01, requires_grad=True)
+
+        def iteration():
+            theta = unroll_student(model, layout, start, decode=lambda idx: syn[idx],
+                                   label_loss=lambda z, idx: F.cross_entropy(z, y[idx]), syn_lr=lr,
+                                   batches=batch_schedule(batch, batch, steps, torch.Generator().manual_seed(0)),
+                                   dsa_config=None, generator=None, memory=memory, learnables=(syn,))
+            trajectory_loss(theta, start, target).backward()
+
+        out[f"unroll_flop_per_image_step_{memory}"] = flops(iteration) / (batch * steps)
+    steps_ = InnerSteps(model=model, layout=layout, decode=lambda idx: x[idx], batches=[torch.arange(batch)],
+                        label_loss=lambda z, idx: F.cross_entropy(z, y[idx]), dsa_config=None, generator=None)
+    out["graph_bytes_per_image_step"] = graph_bytes_per_step(steps_, start) / batch
+    return out
+
+
+def dataset_of(preset: str) -> str:
+    return preset.split("_ipc")[0]
+
+
+def expert_epochs_for(dataset: str) -> int:
+    """Epochs the dataset's experts need: the paper's 50, or more where a preset's window reaches further."""
+    need = [(c := resolve_config(preset=p)).max_start_epoch - 1 + c.expert_epochs for p in preset_names()
+            if dataset_of(p) == dataset]
+    return max([EXPERTS["epochs"], *need])
+
+
+def stages(preset: str, c: dict) -> list[dict]:
+    """The preset's three stages: image counts, FLOPs and (distill) the unroll's memory per mode."""
+    cfg = resolve_config(preset=preset)
+    dataset = dataset_of(preset)
+    epochs = expert_epochs_for(dataset)
+    classes, n_train, n_test = DATASETS[dataset]
+    n_val = min(VAL_MAX, int(round(VAL_FRACTION * n_train)))
+    budget = budget_for(cfg, SimpleNamespace(num_classes=classes, channels=3, image_size=(32, 32)))
+    decoded = budget.images_per_class * classes
+    expert_images = EXPERTS["num_experts"] * epochs * (n_train - n_val)
+    validations = cfg.iterations // cfg.eval_every + 1 if cfg.eval_every else 1
+    image_steps = cfg.iterations * cfg.syn_steps * cfg.batch_syn
+    val_train = validations * cfg.eval_runs * cfg.eval_epochs * decoded
+    full = 1.2 * cfg.syn_steps * cfg.batch_syn * c["graph_bytes_per_image_step"]
+    checkpoint = 1.2 * 2 * cfg.batch_syn * c["graph_bytes_per_image_step"] + cfg.syn_steps * c["params"] * 4
+    common = {"preset": preset, "dataset": dataset, "decoded_images": decoded}
+    return [
+        {**common, "stage": "experts", "what": f"{EXPERTS['num_experts']} x {epochs} epochs x "
+         f"{n_train - n_val:,} images", "flop": expert_images * c["train_flop_per_image"]
+         + EXPERTS["num_experts"] * epochs * n_val * c["test_flop_per_image"]},
+        {**common, "stage": "distill", "what": f"{cfg.iterations:,} it x {cfg.syn_steps} steps x {cfg.batch_syn}; "
+         f"{validations} validations", "flop_full": image_steps * c["unroll_flop_per_image_step_full"],
+         "flop": image_steps * c["unroll_flop_per_image_step_checkpoint"] + val_train * c["train_flop_per_image"]
+         + validations * cfg.eval_runs * n_val * c["test_flop_per_image"],
+         "gib_full": full / _GIB, "gib_checkpoint": checkpoint / _GIB},
+        {**common, "stage": "evaluate", "what": f"{EVALUATION['runs']} x {EVALUATION['epochs']} epochs x {decoded:,}",
+         "flop": EVALUATION["runs"] * (EVALUATION["epochs"] * decoded * c["train_flop_per_image"]
+                                       + n_test * c["test_flop_per_image"])},
+    ]
+
+
+def hours(flop: float, tflops: float) -> str:
+    h = flop / (tflops * 1e12) / 3600
+    return f"{h * 60:.0f} min" if h < 1 else f"{h:.1f} h"
+
+
+def markdown(report: dict) -> str:
+    t = report["tflops"]
+    lines = [f"Paper-protocol cost per stage, {report['date']}: FLOPs counted with torch's FLOP counter (ConvNet-3 "
+             f"width 128), memory from the measured graph per image and inner step ("
+             f"{report['counted'][10]['graph_bytes_per_image_step'] / 2**20:.2f} MiB); **time = FLOPs / {t:g} TFLOP/s, "
+             "an assumed rate, not a measurement** (distill in memory=checkpoint; full mode does "
+             f"{report['counted'][10]['unroll_flop_per_image_step_full'] / report['counted'][10]['unroll_flop_per_image_step_checkpoint']:.2f}x "
+             "its unroll FLOPs where it fits); unroll GiB is the unroll alone: the data, the experts being read and "
+             "the CUDA context come on top; decode, DSA and data loading are not counted", "",
+             "| preset | stage | what | PFLOP | est. time | unroll GiB, full | unroll GiB, checkpoint |",
+             "|---|---|---|---|---|---|---|"]
+    for row in report["rows"]:
+        mem = [f"{row[k]:.1f}" if k in row else "" for k in ("gib_full", "gib_checkpoint")]
+        lines.append(f"| {row['preset']} | {row['stage']} | {row['what']} | {row['flop'] / 1e15:.2f} | "
+                     f"{hours(row['flop'], t)} | {mem[0]} | {mem[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tflops", type=float, default=10.0, help="the sustained rate assumed for the time column")
+    ap.add_argument("--presets", nargs="+", default=None, help="default: every shipped preset")
+    ap.add_argument("--record", action="store_true", help="write benchmarks/results/gpu_estimate_<date>.{md,json}")
+    args = ap.parse_args(argv)
+    order = list(DATASETS)  # CIFAR-10, CIFAR-100, SVHN; IPC 1, 10, 50; pixel before lowrank
+    presets = sorted(args.presets or preset_names(), key=lambda p: (order.index(dataset_of(p)),
+                     int(p.split("_ipc")[1].split("_")[0]), p.rsplit("_", 1)[1] != "pixel"))
+    per_classes = {classes: counted(classes) for classes in sorted({DATASETS[dataset_of(p)][0] for p in presets})}
+    rows = []
+    for preset in presets:
+        experts_row, *rest = stages(preset, per_classes[DATASETS[dataset_of(preset)][0]])
+        # one expert set serves every preset of a dataset (the longest window's epochs): listed once per dataset
+        if not any(r["stage"] == "experts" and r["dataset"] == experts_row["dataset"] for r in rows):
+            rows.append({**experts_row, "preset": f"{experts_row['dataset']} experts"})
+        rows.extend(rest)
+    report = {"benchmark": "gpu_estimate", "date": date.today().isoformat(), "tflops": args.tflops,
+              "experts": EXPERTS, "evaluation": EVALUATION, "counted": per_classes, "rows": rows}
+    table = markdown(report)
+    print(table)
+    if args.record:
+        dest = ROOT / "benchmarks" / "results" / f"gpu_estimate_{report['date']}"
+        atomic_write_json(dest.with_suffix(".json"), report)
+        atomic_write_text(dest.with_suffix(".md"), table)
+        print(f"recorded {dest}.md and .json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
