@@ -14,7 +14,7 @@ machine drift hits all alike; seconds per iteration are medians over rounds, aft
 iteration whose FLOPs are counted (``torch.utils.flop_counter``). Ratios are against the baseline that the
 reference code runs at: full memory, fp32, eager, the system allocator. ``memory=tesla`` rows (TESLA's
 constant-memory gradient, approximate) are measured beside the exact modes and marked so; a fidelity row per
-cell gives the cosine between their outer gradient and the exact one. They are never the fastest exact mode.
+cell gives the cosine between their outer gradient and the exact one. They are not exact: shown for comparison.
 """
 
 from __future__ import annotations
@@ -225,7 +225,7 @@ VARIANTS = [
     dict(memory="checkpoint", precision="fp32", allocator="tuned"),
 ]
 BF16 = dict(memory="checkpoint", precision="bf16", allocator="tuned")
-TESLA = dict(memory="tesla", precision="fp32", allocator="tuned")  # approximate: never a candidate for "fastest exact"
+TESLA = dict(memory="tesla", precision="fp32", allocator="tuned")  # not exact: shown for comparison
 TWO_RANKS = dict(memory="checkpoint", precision="fp32", allocator="tuned", ranks=2)
 
 

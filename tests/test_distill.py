@@ -241,9 +241,12 @@ def test_tesla_memory_mode_is_labelled_approximate_and_cannot_be_switched_on_res
     from mttlss.artifact import format_manifest, read_manifest
 
     assert "unroll memory tesla (APPROXIMATE gradients)" in format_manifest(read_manifest(r.artifact))
-    exact = distill(tiny(iterations=2, select_on="none", memory="checkpoint"), experts=experts, out=None,
-                    progress=False)
+    other = tmp_path / "exact"
+    exact = distill(tiny(iterations=4, stop_after=2, select_on="none", memory="checkpoint"), experts=experts,
+                    out=other, progress=False)
     assert exact.init_info["memory"]["exact"] is True
+    with pytest.raises(DistillError, match="memory=checkpoint"):
+        distill(tiny(iterations=4, select_on="none", memory="tesla"), experts=experts, out=other, progress=False)
 
 
 def _distill_rank(rank: int, world_size: int, port: int, experts_dir: str, out: str, result: str) -> None:

@@ -11,7 +11,7 @@ import gpu_estimate  # noqa: E402
 
 @pytest.fixture(scope="module")
 def counted():
-    return gpu_estimate.counted(10, batch=2, steps=1)
+    return gpu_estimate.counted(10, batch=4, steps=1)
 
 
 def test_counted_flops_relate_as_the_unroll_says(counted):
@@ -21,13 +21,17 @@ def test_counted_flops_relate_as_the_unroll_says(counted):
     assert full > 2 * train  # the inner step plus its double backward in the outer pass
     assert full < ckpt < full + 1.5 * train  # checkpoint mode replays one forward and backward per step
     assert counted["graph_bytes_per_image_step"] > 0
+    # the per-step part of the graph is one parameter vector theta [P] (float32)
+    assert counted["graph_bytes_per_step"] == pytest.approx(4 * counted["params"], rel=0.05)
 
 
 def test_stages_count_the_presets_images_and_memory(counted):
     experts, distill, evaluate = gpu_estimate.stages("cifar10_ipc10_lowrank", counted)
     assert experts["what"] == "100 x 50 epochs x 45,000 images"
     assert distill["flop"] > 10_000 * 80 * 100 * counted["unroll_flop_per_image_step_checkpoint"]  # + validations
-    assert distill["gib_full"] == pytest.approx(1.2 * 80 * 100 * counted["graph_bytes_per_image_step"] / 2**30)
+    step_graph = 100 * counted["graph_bytes_per_image_step"] + counted["graph_bytes_per_step"]
+    assert distill["gib_full"] == pytest.approx(1.2 * 80 * step_graph / 2**30)
+    assert distill["what"] == "10,000 it x 80 steps x 100; 4 + 20 validations"  # 3 temperatures + hard, then 1 per 500
     assert distill["gib_checkpoint"] < distill["gib_full"] / 10
     assert evaluate["what"] == f"5 x 1000 epochs x {distill['decoded_images']:,}"
     # CIFAR-100 IPC 50's window needs more than the paper's 50 expert epochs
@@ -36,6 +40,6 @@ def test_stages_count_the_presets_images_and_memory(counted):
 
 def test_the_table_says_its_times_are_estimates(counted):
     rows = gpu_estimate.stages("svhn_ipc1_pixel", counted)
-    table = gpu_estimate.markdown({"date": "d", "tflops": 10.0, "counted": {10: counted}, "rows": rows})
+    table = gpu_estimate.markdown({"date": "d", "tflops": 10.0, "counted": {100: counted}, "rows": rows})
     assert "an assumed rate, not a measurement" in table
     assert table.count("| svhn_ipc1_pixel |") == 3

@@ -463,7 +463,8 @@ def _label_format(storage: dict) -> str:
 
 
 def _memory_choice(choice: dict | None) -> list[str]:
-    """How the run differentiated its unroll (``manifest["init"]["memory"]``): full graph or checkpointed replay."""
+    """How the run differentiated its unroll (``manifest["init"]["memory"]``): full graph, checkpointed replay, or
+    TESLA's approximate replay (``exact`` false)."""
     if not choice:
         return []
     approximate = " (APPROXIMATE gradients)" if choice.get("exact") is False else ""

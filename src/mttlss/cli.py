@@ -26,9 +26,10 @@ per channel; `rank`, `code`, `share_channels`), `vector` (form B: image = M_k b_
 PCA model; `rank`, `subspace_mean`, `mapper_downsample`), `pixel` (plain MTT). Both low-rank forms take
 `subspaces`, `num_subspaces`, `pairing`, `count_labels` and `max_images_per_class` (method.md section 5).
 
-Unroll memory (`--set memory=...`): `auto` (the default: full when its graph fits half the free memory), `full`
-(every inner step's graph kept, as MTT), `checkpoint` (exact, memory flat in syn_steps, steps replayed in the
-backward), `tesla` (APPROXIMATE: TESLA's constant-memory gradient, the later steps' Hessian terms dropped).
+Unroll memory (`--set memory=...`): `auto` (the default: full when its graph fits half the free memory, else
+checkpoint), `full` (every inner step's graph kept, as MTT), `checkpoint` (exact, memory flat in syn_steps,
+steps replayed in the backward), `tesla` (APPROXIMATE: TESLA's constant-memory gradient, the later steps'
+Hessian terms dropped).
 
 Several processes: `mttlss experts --workers 4 ...` or `torchrun --nproc_per_node 4 -m mttlss experts ...`
 (each rank trains its share of the experts, one GPU per rank); `mttlss evaluate --workers 4` likewise.

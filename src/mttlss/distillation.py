@@ -329,7 +329,7 @@ def default_batch_syn(cfg: DistillConfig, num_classes: int) -> tuple[int, str]:
 
 def memory_estimate(run: _Run, state: DistillState) -> dict[str, float]:
     """Bytes the unroll will add at its peak in each memory mode (measured on one inner step of this run's batch
-    size), and the real data the run keeps (already resident): {"full", "checkpoint", "graph_per_step", "data"}."""
+    size), and the real data the run keeps (already resident): {"full", "checkpoint", "tesla", "graph_per_step", "data"}."""
     cfg = run.cfg
     n = state.synthetic.num_images
     gen = iteration_generator(cfg.seed, -1)  # a probe of its own: no iteration's draws are used up
@@ -371,8 +371,8 @@ def choose_memory(run: _Run, state: DistillState) -> tuple[str, str, dict]:
         msg = (f"this run does not fit: memory={mode} needs ~{est[mode] / _GIB:.2f} GiB for the unroll "
                f"(syn_steps={cfg.syn_steps}, batch_syn={min(cfg.batch_syn or state.synthetic.num_images, state.synthetic.num_images)}, "
                f"~{est['graph_per_step'] / _GIB:.3f} GiB of graph per inner step; real data kept: {est['data'] / _GIB:.2f} GiB) "
-               f"and {free / _GIB:.2f} GiB is available on device {run.device}. Lower batch_syn or syn_steps, use "
-               f"memory=checkpoint, another device, or --set force=true to start anyway")
+               f"and {free / _GIB:.2f} GiB is available on device {run.device}. Lower batch_syn or syn_steps, "
+               f"{'use memory=checkpoint, ' if mode == 'full' else ''}another device, or --set force=true to start anyway")
         if not cfg.force:
             raise DistillError(msg)
         why += (f"; force=true: started although ~{est[mode] / _GIB:.2f} GiB may be needed and "

@@ -19,8 +19,9 @@ exact), in one of two ways that give the same gradients:
 ``memory="tesla"`` is not exact: it replays the steps as checkpoint mode does but keeps the adjoint at
 dL/dtheta_N, i.e. it drops the path by which step n's batch moves theta_{n+1..N-1} and so the later inner
 gradients (the -alpha H_m a terms). That is TESLA's constant-memory rewrite (Cui et al., 2023), which
-differentiates theta_N = theta_0 - alpha sum_n g_n(theta_n) with every theta_n held fixed; it saves the
-Hessian-vector product of each step. Its gradient is MTT's for syn_steps 1 and an approximation beyond.
+differentiates theta_N = theta_0 - alpha sum_n g_n(theta_n) with every theta_n held fixed (the paper calls
+its procedure exact; its derivation drops dg_m/dx_n for m > n); it saves the Hessian-vector product of each
+step. Its gradient is MTT's for syn_steps 1 and an approximation beyond.
 
 Under torchrun each rank runs the network on its slice of every synthetic batch and the inner gradient is
 summed over ranks (``mttlss.distributed``); with one process those sums are the identity.
@@ -231,8 +232,8 @@ class _CheckpointedUnroll(torch.autograd.Function):
             steps.set_rng_state(ctx.states[n])
             with torch.enable_grad():
                 leaf = ctx.thetas[n].detach().requires_grad_(True)
-                grad = steps.gradient(leaf, n, create_graph=True)   # this rank's part g_n^r
                 wrt = [leaf, *learnables] if ctx.exact else list(learnables)
+                grad = steps.gradient(leaf, n, create_graph=bool(wrt))   # this rank's part g_n^r
                 outs = torch.autograd.grad(grad, wrt, grad_outputs=adjoint, allow_unused=True) if wrt else []
                 hvp, vjps = (outs[0], outs[1:]) if ctx.exact else (None, outs)
             # replicated: alpha's gradient and the adjoint use the whole g_n and H_n a; the learnables' parts
