@@ -383,6 +383,17 @@ def result_rows(order: list[tuple[int, str]], tested: dict, sets: dict) -> list[
     return rows
 
 
+def write_record(name: str, report: dict, table: str) -> Path:
+    """``benchmarks/results/<name>.json`` and ``.md`` (a benchmark's record, written atomically); returns the stem."""
+    from mttlss.io_utils import atomic_write_json, atomic_write_text
+
+    dest = ROOT / "benchmarks" / "results" / name
+    atomic_write_json(dest.with_suffix(".json"), report)
+    atomic_write_text(dest.with_suffix(".md"), table)
+    print(f"recorded {dest}.md and .json")
+    return dest
+
+
 def write_results(out: Path, report: dict) -> str:
     """``out/results.json`` and ``out/results.md`` (the README table); returns the table."""
     from mttlss.io_utils import atomic_write_json, atomic_write_text

@@ -255,10 +255,7 @@ def main(argv=None) -> int:
     atomic_write_text(out / "results.md", table)
     print(table)
     if args.record:
-        dest = ROOT / "benchmarks" / "results" / f"cross_arch_{tag}_{report['date']}"
-        atomic_write_json(dest.with_suffix(".json"), report)
-        atomic_write_text(dest.with_suffix(".md"), table)
-        print(f"recorded {dest}.md and .json")
+        bench.write_record(f"cross_arch_{tag}_{report['date']}", report, table)
     return 0
 
 

@@ -48,7 +48,6 @@ from mttlss.distillation import _ALLOCATOR_OVERHEAD, _CHECKPOINT_GRAPHS, default
 from mttlss.experts import ExpertConfig  # noqa: E402
 from mttlss.initialization import budget_for  # noqa: E402
 from mttlss.labels import CONFIDENCES, TEMPERATURES  # noqa: E402
-from mttlss.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
 from mttlss.matching import InnerSteps, batch_schedule, graph_bytes_per_step, trajectory_loss, unroll_student  # noqa: E402
 from mttlss.models import ParamLayout, build_model, flatten_params, model_spec  # noqa: E402
 
@@ -207,10 +206,7 @@ def main(argv=None) -> int:
     table = markdown(report)
     print(table)
     if args.record:
-        dest = ROOT / "benchmarks" / "results" / f"gpu_estimate_{report['date']}"
-        atomic_write_json(dest.with_suffix(".json"), report)
-        atomic_write_text(dest.with_suffix(".md"), table)
-        print(f"recorded {dest}.md and .json")
+        bench.write_record(f"gpu_estimate_{report['date']}", report, table)
     return 0
 
 
