@@ -3,6 +3,7 @@
     python benchmarks/speed.py                  # the cells on this machine (about 30 min on 2 CPU cores)
     python benchmarks/speed.py --quick          # a smoke run: small cells, one repetition
     python benchmarks/speed.py --device cuda --paper   # paper sizes on a GPU (CIFAR-10/100 IPC 10, syn_steps 80)
+    python benchmarks/speed.py --tesla          # only memory=tesla against full and checkpoint, pixel cells (~15 min)
 
 One outer iteration = decode, DSA and the unroll of ``syn_steps`` student steps (ConvNet-3 width 128 on CIFAR
 shapes, batch_syn = IPC x classes), the normalised trajectory loss, its backward into every learnable and one SGD
@@ -226,6 +227,7 @@ VARIANTS = [
 ]
 BF16 = dict(memory="checkpoint", precision="bf16", allocator="tuned")
 TESLA = dict(memory="tesla", precision="fp32", allocator="tuned")  # not exact: shown for comparison
+TESLA_COMPARISON = [BASELINE, VARIANTS[1], VARIANTS[3], TESLA]  # --tesla
 TWO_RANKS = dict(memory="checkpoint", precision="fp32", allocator="tuned", ranks=2)
 
 
@@ -253,6 +255,7 @@ def main() -> None:
                     help="skip full mode where the fit of the shorter unrolls projects more than this (the machine has 24)")
     ap.add_argument("--skip-bf16", action="store_true", help="skip the bf16 rows (20x slower where bf16 is not native)")
     ap.add_argument("--memory-only", action="store_true", help="only the memory series (peak RSS does not depend on load)")
+    ap.add_argument("--tesla", action="store_true", help="only tesla against full and checkpoint (tuned), pixel cells")
     ap.add_argument("--out", default=None)
     # the child's arguments
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -275,6 +278,9 @@ def main() -> None:
           f"{info['torch_threads']} threads; matmul {info['matmul_gflops_fp32']:.0f} GFLOP/s fp32, "
           f"{info['matmul_gflops_bf16']:.0f} bf16", flush=True)
     speed_cells, memory_series = cells(args.quick, args.paper)
+    if args.tesla:
+        speed_cells, memory_series = [c for c in speed_cells if c["param"] == "pixel"], []
+        args.skip_bf16 = True
     rounds = 0 if args.memory_only else 1 if args.quick else args.rounds
     rows: dict[str, dict] = {}
 
@@ -292,7 +298,7 @@ def main() -> None:
     for r in range(rounds):
         print(f"# round {r + 1}/{rounds}", flush=True)
         for cell in speed_cells:
-            for variant in variants_for(cell, args.paper):
+            for variant in (TESLA_COMPARISON if args.tesla else variants_for(cell, args.paper)):
                 record("speed", cell, variant, run_child(cell, variant, iters=args.iters, device=args.device))
     # memory: one iteration per point; full mode only where a linear fit of its shorter unrolls fits the machine
     full_points: list[tuple[int, float]] = []
@@ -318,7 +324,8 @@ def main() -> None:
 
     table = summarise(rows, info)
     stamp = info["date"]
-    out = Path(args.out) if args.out else RESULTS / f"speed_{args.device.split(':')[0]}_{'quick_' if args.quick else ''}{'memory_' if args.memory_only else ''}{stamp}.json"
+    kind = "quick_" if args.quick else "memory_" if args.memory_only else "tesla_" if args.tesla else ""
+    out = Path(args.out) if args.out else RESULTS / f"speed_{args.device.split(':')[0]}_{kind}{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": info, "rows": list(rows.values())}, indent=1))
     out.with_suffix(".md").write_text(table + "\n")
