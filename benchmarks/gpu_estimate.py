@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT / "src"))  # this checkout's mttlss
 import cifar10 as bench  # noqa: E402  (benchmarks/: the paper plan's experts and evaluation)
 
 from mttlss.config import preset_names, resolve_config  # noqa: E402
-from mttlss.distillation import _ALLOCATOR_OVERHEAD, _CHECKPOINT_GRAPHS, default_batch_syn  # noqa: E402
+from mttlss.distillation import default_batch_syn, unroll_bytes  # noqa: E402
 from mttlss.experts import ExpertConfig  # noqa: E402
 from mttlss.initialization import budget_for  # noqa: E402
 from mttlss.labels import CONFIDENCES, TEMPERATURES  # noqa: E402
@@ -142,8 +142,7 @@ def stages(preset: str, c: dict) -> list[dict]:
     val_networks = (at_start + in_loop) * cfg.eval_runs
     val_train = val_networks * cfg.eval_epochs * decoded
     step_graph = batch * c["graph_bytes_per_image_step"] + c["graph_bytes_per_step"]
-    full = _ALLOCATOR_OVERHEAD * cfg.syn_steps * step_graph
-    checkpoint = _ALLOCATOR_OVERHEAD * _CHECKPOINT_GRAPHS * step_graph + cfg.syn_steps * c["params"] * 4
+    peak = unroll_bytes(step_graph, syn_steps=cfg.syn_steps, theta_bytes=c["params"] * 4)  # float32 theta
     common = {"preset": preset, "dataset": dataset, "decoded_images": decoded}
     return [
         {**common, "stage": "experts", "what": f"{EXPERTS['num_experts']} x {epochs} epochs x "
@@ -153,7 +152,7 @@ def stages(preset: str, c: dict) -> list[dict]:
          f"{at_start} + {in_loop} validations", "flop_full": image_steps * c["unroll_flop_per_image_step_full"],
          "flop": image_steps * c["unroll_flop_per_image_step_checkpoint"] + val_train * c["train_flop_per_image"]
          + val_networks * n_val * c["test_flop_per_image"],
-         "gib_full": full / _GIB, "gib_checkpoint": checkpoint / _GIB},
+         "gib_full": peak["full"] / _GIB, "gib_checkpoint": peak["checkpoint"] / _GIB},
         {**common, "stage": "evaluate", "what": f"{EVALUATION['runs']} x {EVALUATION['epochs']} epochs x {decoded:,}",
          "flop": EVALUATION["runs"] * (EVALUATION["epochs"] * decoded * c["train_flop_per_image"]
                                        + n_test * c["test_flop_per_image"])},

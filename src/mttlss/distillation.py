@@ -339,13 +339,18 @@ def memory_estimate(run: _Run, state: DistillState) -> dict[str, float]:
                        generator=gen, precision=cfg.precision)
     start = run.experts.checkpoints(run.experts.indices[0], [0])[0].to(run.device)
     per_step = graph_bytes_per_step(steps, start)
-    thetas = cfg.syn_steps * start.numel() * start.element_size()  # checkpoint mode's theta_n block [N, P]
     data = sum(t.numel() * t.element_size() for t in (run.data.x_train, run.data.x_val, run.data.x_test, run.x_val)
                if t.device.type == torch.device(run.device).type)
-    checkpoint = _ALLOCATOR_OVERHEAD * _CHECKPOINT_GRAPHS * per_step + thetas
-    return {"full": _ALLOCATOR_OVERHEAD * cfg.syn_steps * per_step, "checkpoint": checkpoint,
-            "tesla": checkpoint,  # the same replay, less the Hessian-vector product: at most checkpoint's peak
+    return {**unroll_bytes(per_step, syn_steps=cfg.syn_steps, theta_bytes=start.numel() * start.element_size()),
             "graph_per_step": float(per_step), "data": float(data)}
+
+
+def unroll_bytes(graph_per_step: float, *, syn_steps: int, theta_bytes: int) -> dict[str, float]:
+    """Peak bytes of the unroll per memory mode, from one inner step's graph: full mode keeps every step's,
+    checkpoint mode two step graphs (while it replays one) plus the theta_n block [N, P]."""
+    checkpoint = _ALLOCATOR_OVERHEAD * _CHECKPOINT_GRAPHS * graph_per_step + syn_steps * theta_bytes
+    return {"full": _ALLOCATOR_OVERHEAD * syn_steps * graph_per_step, "checkpoint": checkpoint,
+            "tesla": checkpoint}  # the same replay, less the Hessian-vector product: at most checkpoint's peak
 
 
 def choose_memory(run: _Run, state: DistillState) -> tuple[str, str, dict]:
@@ -648,9 +653,10 @@ def _stored_config(ckpt: dict, cfg: DistillConfig) -> dict[str, Any]:
 
 
 def _check_resumable(out: Path, ckpt: dict, *, cfg: DistillConfig, experts: ExpertSet) -> None:
-    old = {k: v for k, v in _stored_config(ckpt, cfg).items() if k not in _RESUMABLE_CHANGES}
+    stored = _stored_config(ckpt, cfg)
+    old = {k: v for k, v in stored.items() if k not in _RESUMABLE_CHANGES}
     new = {k: v for k, v in cfg.to_dict().items() if k not in _RESUMABLE_CHANGES}
-    if (old_mode := _stored_config(ckpt, cfg).get("memory")) != cfg.memory and "tesla" in (old_mode, cfg.memory):
+    if (old_mode := stored.get("memory")) != cfg.memory and "tesla" in (old_mode, cfg.memory):
         raise DistillError(f"{out} holds a run with memory={old_mode}; memory=tesla (approximate gradients) cannot be "
                            "switched on or off on resume: repeat the original memory setting, or use another --out")
     if old != new:
