@@ -135,11 +135,15 @@ SMOKE = {"experts": {"num_experts": 2, "epochs": 1}, "eval": {"runs": 1, "epochs
          "matching": {"eval_epochs": 10, "eval_every": 0}, "max_iterations": 2}
 
 
-def plan_for(scale: str, *, expert_epochs: int | None, smoke: bool, expert_optimizer: str = "sgd") -> dict:
-    """The scale's sizes, with the experts' epochs and optimiser overridden and the smoke check's reductions applied."""
+def plan_for(scale: str, *, expert_epochs: int | None, smoke: bool, expert_optimizer: str = "sgd",
+             preprocess: str | None = None) -> dict:
+    """The scale's sizes, with the experts' epochs, optimiser and preprocessing overridden and the smoke check's
+    reductions applied."""
     plan = copy.deepcopy(SCALES[scale])
     if expert_optimizer != "sgd":  # GSAM with ExpertConfig's rho and alpha (method.md section 4)
         plan["experts"]["optimizer"] = expert_optimizer
+    if preprocess is not None:  # e.g. ZCA at CPU scale, the field's preprocessing for CIFAR (method.md 10.1)
+        plan["experts"]["preprocess"] = preprocess
     if smoke or expert_epochs is not None:
         plan.pop("exact_window", None)  # the window is fitted to the cut or chosen experts' epochs
     if smoke:
@@ -149,6 +153,17 @@ def plan_for(scale: str, *, expert_epochs: int | None, smoke: bool, expert_optim
     if expert_epochs is not None:
         plan["experts"]["epochs"] = expert_epochs
     return plan
+
+
+def scale_folder(scale: str, plan: dict, *, expert_epochs: int | None = None, smoke: bool = False) -> str:
+    """The folder of a scale's experts and sets under --out: other experts or sizes, another folder, so that a run
+    never reuses experts or sets made for other settings (``cpu``, ``cpu_gsam-experts``, ``cpu_zca-experts``, ...)."""
+    experts = plan["experts"]
+    default = SCALES[scale]["experts"]
+    return (scale + (f"_experts{expert_epochs}ep" if expert_epochs else "")
+            + (f"_{experts['optimizer']}-experts" if experts.get("optimizer", "sgd") != "sgd" else "")
+            + (f"_{experts['preprocess']}-experts" if experts["preprocess"] != default["preprocess"] else "")
+            + ("_smoke" if smoke else ""))
 
 
 def fit_window(cfg, epochs: int) -> dict:
@@ -284,9 +299,18 @@ def _cost(cfg) -> float:
     return cfg.iterations * cfg.syn_steps * (cfg.batch_syn or cfg.ipc * 10) + 1
 
 
-def main() -> int:
+def add_expert_arguments(ap: argparse.ArgumentParser) -> None:
+    """--expert-optimizer and --expert-preprocess, shared with cifar10_tune.py: each choice has its own folder."""
     from mttlss.experts import OPTIMIZERS
 
+    ap.add_argument("--expert-optimizer", choices=OPTIMIZERS, default="sgd",
+                    help="the experts' optimiser: sgd (MTT's) or gsam (FTD's and DATM's flatter experts); own folder")
+    ap.add_argument("--expert-preprocess", choices=["normalize", "zca"], default=None,
+                    help="the experts' (and so the sets') preprocessing; default: the scale's (cpu: normalize, "
+                         "paper: zca); own folder")
+
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     ap.add_argument("--ipcs", type=int, nargs="+", default=[1, 10])
@@ -298,8 +322,7 @@ def main() -> int:
                     help="one-thread processes side by side (default: 2 on a CPU of 2+ cores, 1 on a GPU)")
     ap.add_argument("--expert-epochs", type=int, default=None,
                     help="train the experts for this many epochs (1: weak experts); the matching window shrinks to fit")
-    ap.add_argument("--expert-optimizer", choices=OPTIMIZERS, default="sgd",
-                    help="the experts' optimiser: sgd (MTT's) or gsam (FTD's and DATM's flatter experts); own folder")
+    add_expert_arguments(ap)
     ap.add_argument("--override", default="{}", metavar="JSON",
                     help="DistillConfig overrides for every distilled row, e.g. '{\"threshold\": 1e9}' (use another --out)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: check that the pipeline runs (about 14 min on 2 cores)")
@@ -311,11 +334,9 @@ def main() -> int:
     override = json.loads(args.override)
     on_gpu = (args.device or "").startswith("cuda") or (args.device is None and torch.cuda.is_available())
     workers = args.workers or (1 if on_gpu else min(2, os.cpu_count() or 1))
-    plan = plan_for(args.scale, expert_epochs=args.expert_epochs, smoke=args.smoke, expert_optimizer=args.expert_optimizer)
-    # other experts or sizes, another folder: a run never reuses experts or sets made for other settings
-    out = Path(args.out) / (args.scale + (f"_experts{args.expert_epochs}ep" if args.expert_epochs else "")
-                            + (f"_{args.expert_optimizer}-experts" if args.expert_optimizer != "sgd" else "")
-                            + ("_smoke" if args.smoke else ""))
+    plan = plan_for(args.scale, expert_epochs=args.expert_epochs, smoke=args.smoke, expert_optimizer=args.expert_optimizer,
+                    preprocess=args.expert_preprocess)
+    out = Path(args.out) / scale_folder(args.scale, plan, expert_epochs=args.expert_epochs, smoke=args.smoke)
     t_start = time.time()
     stage(f"experts: {plan['experts']} model {plan['model']}; {workers} worker(s)")
     t0 = time.time()

@@ -34,13 +34,15 @@ def main() -> int:
     ap.add_argument("--eval-every", type=int, default=50, help="iterations between validation evaluations")
     ap.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "JSON"), required=True)
     ap.add_argument("--out", default=str(cifar10.ROOT / "benchmarks" / "out" / "cifar10"))
+    cifar10.add_expert_arguments(ap)
     args = ap.parse_args()
 
     from mttlss.data import load_recorded
     from mttlss.distillation import distill
 
-    plan = cifar10.SCALES["cpu"]
-    out = Path(args.out) / "cpu"
+    plan = cifar10.plan_for("cpu", expert_epochs=None, smoke=False, expert_optimizer=args.expert_optimizer,
+                            preprocess=args.expert_preprocess)
+    out = Path(args.out) / cifar10.scale_folder("cpu", plan)
     experts = cifar10.build_experts(plan, out, None)
     data = load_recorded(experts.dataset)  # the experts' own train/validation split
     for name, overrides in args.variant:
