@@ -1,0 +1,185 @@
+"""Levers for the small-batch unroll that memory modes and the allocator do not reach (speed.py's IPC 1 /
+syn_steps 50 cell: ConvNet-3 width 128, 10 CIFAR images per inner step), measured side by side.
+
+    python benchmarks/unroll_levers.py --record      # about 8 min on 2 CPU cores
+
+Two parts, each alternating its variants round by round in one run (medians over rounds):
+
+1. **Kernels**: one full-mode unroll of ``--steps`` inner steps of the library's ConvNet-3 (``functional_call``
+   on named views, as ``mttlss.matching`` does), then the outer backward into the images [B, 3, 32, 32] and
+   alpha. Variants change only how one inner gradient is computed:
+   - ``eager``: ``torch.autograd.grad(create_graph=True)``, what ``memory=full`` runs;
+   - ``compile``: ``torch.compile(torch.func.grad(loss))``, the inner gradient as one compiled function whose
+     own backward is first order for the compiler (its first call, which compiles, is timed apart);
+   - ``channels_last``: images and convolution weights in channels-last memory format;
+   - ``gemm_conv``: every convolution as ``unfold`` + one matrix product (im2col), whose double backward is
+     matrix products too.
+   Each row gives the relative difference of its image gradient to ``eager``'s (the same mathematics; float
+   sums in another order).
+2. **Ranks**: speed.py's IPC 1 / syn_steps 50 pixel cell in full mode, one process of two threads against two
+   torchrun ranks of one thread (gloo), each rank taking half of every inner batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import cifar10  # noqa: E402  (write_record)
+import speed  # noqa: E402  (machine(), run_child: the same worker as the speed table)
+from mttlss.models import build_model, model_spec  # noqa: E402
+
+
+class GemmConv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters) computed as im2col: unfold [B, C*k*k, L], one matmul with weight [O, C*k*k]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, C, H, W]
+        b, _, h, w = x.shape
+        cols = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)  # [B, C*k*k, L]
+        out = self.weight.flatten(1) @ cols + self.bias.view(1, -1, 1)  # [B, O, L]
+        kh, kw = self.kernel_size
+        oh = (h + 2 * self.padding[0] - kh) // self.stride[0] + 1
+        ow = (w + 2 * self.padding[1] - kw) // self.stride[1] + 1
+        return out.view(b, -1, oh, ow)
+
+
+def with_gemm_convs(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose Conv2d layers are GemmConv2d (same names, so the same parameter views)."""
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Conv2d:
+                gemm = GemmConv2d(child.in_channels, child.out_channels, child.kernel_size, stride=child.stride,
+                                  padding=child.padding)
+                gemm.load_state_dict(child.state_dict())
+                setattr(module, child_name, gemm)
+    return model
+
+
+def inner_gradients(model: nn.Module, *, compile: bool = True):
+    """{variant: fn(params, x, y) -> grads}: one inner gradient of the cross-entropy, graph kept for the outer pass
+    (``compile=False`` leaves out the compiled variant, which takes about a minute to compile)."""
+
+    def loss(params, x, y):
+        return F.cross_entropy(functional_call(model, params, (x,)), y)
+
+    def eager(params, x, y, net=model):
+        out = F.cross_entropy(functional_call(net, params, (x,)), y)
+        return dict(zip(params, torch.autograd.grad(out, list(params.values()), create_graph=True)))
+
+    def channels_last(params, x, y):
+        cl = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in params.items()}
+        return eager(cl, x.contiguous(memory_format=torch.channels_last), y)
+
+    gemm = with_gemm_convs(model)
+    fns = {"eager": eager, "channels_last": channels_last, "gemm_conv": lambda params, x, y: eager(params, x, y, net=gemm)}
+    return {**fns, "compile": torch.compile(torch.func.grad(loss))} if compile else fns
+
+
+def unroll(grad_fn, start: dict, images: torch.Tensor, labels: torch.Tensor, steps: int):
+    """theta_N after ``steps`` SGD steps, each on all of ``images`` [N, 3, 32, 32] in a new order (IPC 1, batch_syn
+    10), then dL/d(images) and dL/dalpha."""
+    x = images.detach().clone().requires_grad_(True)
+    alpha = torch.tensor(0.01, requires_grad=True)
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in start.items()}
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randperm(x.shape[0], generator=gen)
+        grads = grad_fn(params, x[idx], labels[idx])
+        params = {k: p - alpha * grads[k] for k, p in params.items()}
+    loss = sum(((params[k] - start[k]) ** 2).sum() for k in params)
+    loss.backward()
+    return x.grad, alpha.grad
+
+
+def kernels_part(*, steps: int, rounds: int) -> list[dict]:
+    torch.manual_seed(0)
+    model = build_model(model_spec("convnet", width=128, depth=3), channels=3, num_classes=10, image_size=(32, 32))
+    start = {k: v.detach() for k, v in model.named_parameters()}
+    images = torch.randn(10, 3, 32, 32)  # one per class, training space
+    labels = torch.arange(10)
+    fns = inner_gradients(model)
+    reference, _ = unroll(fns["eager"], start, images, labels, steps)
+    rows = {name: {"variant": name, "seconds": []} for name in fns}
+    t0 = time.perf_counter()
+    first, _ = unroll(fns["compile"], start, images, labels, steps)  # compiles
+    rows["compile"]["first_call_seconds"] = time.perf_counter() - t0
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            gx, _ = unroll(fn, start, images, labels, steps)
+            rows[name]["seconds"].append(time.perf_counter() - t0)
+            rows[name]["image_grad_rel_diff"] = float((gx - reference).norm() / reference.norm())
+    base = statistics.median(rows["eager"]["seconds"])
+    for row in rows.values():
+        row["median_s"] = statistics.median(row["seconds"])
+        row["x_eager"] = base / row["median_s"]
+    return list(rows.values())
+
+
+def ranks_part(*, rounds: int, iters: int) -> list[dict]:
+    cell = dict(ipc=1, classes=10, param="pixel", steps=50, batch_syn=10)
+    variants = {"1 process x 2 threads": dict(memory="full", precision="fp32", allocator="tuned"),
+                "2 ranks x 1 thread": dict(memory="full", precision="fp32", allocator="tuned", ranks=2)}
+    rows = {name: {"variant": name, "seconds": [], "peak_rss_gib": []} for name in variants}
+    for _ in range(rounds):
+        for name, variant in variants.items():
+            out = speed.run_child(cell, variant, iters=iters, device="cpu")
+            if "error" in out:
+                raise SystemExit(f"{name}: {out['error']}")
+            rows[name]["seconds"] += out["seconds"]
+            rows[name]["peak_rss_gib"].append(out["peak_rss_gib"])
+    base = statistics.median(rows["1 process x 2 threads"]["seconds"])
+    for row in rows.values():
+        row["median_s"] = statistics.median(row["seconds"])
+        row["x_one_process"] = base / row["median_s"]
+    return list(rows.values())
+
+
+def table(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"CPU: {m['cpu']} (amx_bf16={m['amx_bf16']}), torch {m['torch']}, {m['torch_threads']} threads, {m['date']}",
+             "", f"Kernels: full-mode unroll of {report['steps']} inner steps of 10 images "
+             "(ConvNet-3 width 128), outer backward included", "",
+             "| variant | s per unroll (median) | x eager | image-gradient rel. diff to eager | note |",
+             "|---|---|---|---|---|"]
+    for r in report["kernels"]:
+        note = f"first call (compiling) {r['first_call_seconds']:.1f} s" if "first_call_seconds" in r else ""
+        lines.append(f"| {r['variant']} | {r['median_s']:.3f} | {r['x_eager']:.2f} | {r['image_grad_rel_diff']:.1e} | {note} |")
+    lines += ["", "Ranks: speed.py's IPC 1 / syn_steps 50 pixel cell (batch 10), memory=full, tuned allocator", "",
+              "| variant | s/iter (median) | x one process | peak RSS GiB (rank 0 or the process) |", "|---|---|---|---|"]
+    for r in report["ranks"]:
+        lines.append(f"| {r['variant']} | {r['median_s']:.2f} | {r['x_one_process']:.2f} | {max(r['peak_rss_gib']):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=10, help="inner steps per unroll in the kernels part")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rank-iters", type=int, default=3, help="timed iterations per child in the ranks part")
+    ap.add_argument("--record", action="store_true", help="write benchmarks/results/unroll_levers_<cpu>_<date>")
+    args = ap.parse_args()
+    report = {"machine": speed.machine(), "steps": args.steps,
+              "kernels": kernels_part(steps=args.steps, rounds=args.rounds),
+              "ranks": ranks_part(rounds=2, iters=args.rank_iters)}
+    text = table(report)
+    print(text)
+    if args.record:
+        cifar10.write_record(f"unroll_levers_cpu_{report['machine']['date']}", report, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
