@@ -13,12 +13,12 @@ def test_each_expert_setting_has_its_own_folder():
                                 preprocess=preprocess)
         return cifar10.scale_folder("cpu", plan)
 
-    assert folder() == "cpu" == folder(preprocess="normalize")  # the scale's own preprocessing: the records' folder
-    zca = cifar10.plan_for("cpu", expert_epochs=None, smoke=False, preprocess="zca")
-    assert zca["experts"]["preprocess"] == "zca" and cifar10.SCALES["cpu"]["experts"]["preprocess"] == "normalize"
-    assert folder(preprocess="zca") == "cpu_zca-experts"
+    assert folder() == "cpu" == folder(preprocess="zca")  # the scale's own preprocessing: the records' folder
+    plain = cifar10.plan_for("cpu", expert_epochs=None, smoke=False, preprocess="normalize")
+    assert plain["experts"]["preprocess"] == "normalize" and cifar10.SCALES["cpu"]["experts"]["preprocess"] == "zca"
+    assert folder(preprocess="normalize") == "cpu_normalize-experts"
     assert folder(expert_optimizer="gsam") == "cpu_gsam-experts"
-    assert folder(expert_optimizer="gsam", preprocess="zca") == "cpu_gsam-experts_zca-experts"
+    assert folder(expert_optimizer="gsam", preprocess="normalize") == "cpu_gsam-experts_normalize-experts"
     one = cifar10.plan_for("cpu", expert_epochs=1, smoke=True)
     assert cifar10.scale_folder("cpu", one, expert_epochs=1, smoke=True) == "cpu_experts1ep_smoke"
     assert cifar10.scale_folder("paper", cifar10.plan_for("paper", expert_epochs=None, smoke=False)) == "paper"
