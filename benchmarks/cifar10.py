@@ -8,6 +8,7 @@
     python benchmarks/cifar10.py --expert-epochs 1 --ipcs 1 \
         --methods lowrank_init_hard lowrank_init_soft lowrank lowrank_soft   # weak experts: one epoch each (own folder)
     python benchmarks/cifar10.py --expert-optimizer gsam  # GSAM experts (FTD's, DATM's), about twice the expert time (own folder)
+    python benchmarks/cifar10.py --expert-preprocess normalize  # mean/std experts instead of ZCA (own folder)
     python benchmarks/cifar10.py --smoke --ipcs 1     # ~14 min on 2 cores: the pipeline runs; the numbers mean nothing
     python benchmarks/paper_smoke.py                  # ~2 min: --scale paper's stages from the CIFAR-10/100 and SVHN
         # presets on tiny torchvision-layout files (tests/test_paper_smoke.py runs it in CI)
