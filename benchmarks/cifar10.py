@@ -70,7 +70,7 @@ SCALES = {
         # ZCA, as the field's CIFAR protocol (method.md 10.1): against mean/std normalisation on the validation
         # split (benchmarks/results/cifar10_cpu_tuning_round4_2026-12-02.md) the experts reach 55.0 / 54.5 / 55.9 %
         # (51.7-52.5), MTT-LSS at IPC 1 48.2 % at iteration 150 (45.3) from a lower start (35.1 against 41.0), at
-        # IPC 10 50.0 % (50.6) from 45.2 (47.3). Whitening 45k images costs about a minute per load on 2 cores.
+        # IPC 10 50.0 % (50.6) from 45.2 (47.2). Whitening 45k images costs about a minute per load on 2 cores.
         # torch.compile trains these experts 1.8x faster here (benchmarks/expert_throughput.py)
         "experts": {"num_experts": 3, "epochs": 6, "preprocess": "zca", "compile": True},
         # "budget" epochs: 300 epochs of the pixel baseline's length (1 step of batch 128 at IPC 1 and 10), the same
@@ -161,7 +161,7 @@ def plan_for(scale: str, *, expert_epochs: int | None, smoke: bool, expert_optim
 
 def scale_folder(scale: str, plan: dict, *, expert_epochs: int | None = None, smoke: bool = False) -> str:
     """The folder of a scale's experts and sets under --out: other experts or sizes, another folder, so that a run
-    never reuses experts or sets made for other settings (``cpu``, ``cpu_gsam-experts``, ``cpu_zca-experts``, ...)."""
+    never reuses experts or sets made for other settings (``cpu``, ``cpu_gsam-experts``, ``cpu_normalize-experts``, ...)."""
     experts = plan["experts"]
     default = SCALES[scale]["experts"]
     return (scale + (f"_experts{expert_epochs}ep" if expert_epochs else "")

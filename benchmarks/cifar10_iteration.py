@@ -38,8 +38,8 @@ def main() -> int:
     from mttlss.data import load_recorded
     from mttlss.distillation import distill
 
-    plan = cifar10.SCALES["cpu"]
-    experts = cifar10.build_experts(plan, Path(args.out) / "cpu", None)
+    plan = cifar10.plan_for("cpu", expert_epochs=None, smoke=False)
+    experts = cifar10.build_experts(plan, Path(args.out) / cifar10.scale_folder("cpu", plan), None)
     cfg = cifar10.distill_config(plan, args.ipc, args.param, iterations=args.iterations, eval_every=0,
                                  labels="soft", label_temperature=1.0)
     result = distill(cfg, experts=experts, out=None, data=load_recorded(experts.dataset), progress=False)

@@ -9,7 +9,8 @@ settings for that IPC (so ``'{}'`` is exactly what the benchmark runs). Validati
 300-budget-epoch recipe on the held-out split the experts never saw; the test split is never touched.
 It needs the benchmark's experts (run ``python benchmarks/cifar10.py`` once, or let this script train them).
 Variants run one after another (never two at once: they would slow each other down). Results: a table on
-stdout, and ``<out>/cpu/tune_ipc<k>_<param>.json``, which keeps the rows of earlier invocations (a variant run
+stdout, and ``<out>/<folder>/tune_ipc<k>_<param>.json`` (``cpu``, or the folder of ``--expert-preprocess`` /
+``--expert-optimizer``: ``cifar10.scale_folder``), which keeps the rows of earlier invocations (a variant run
 again under the same name replaces its row).
 """
 

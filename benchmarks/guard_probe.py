@@ -1,6 +1,7 @@
 """Does the update guard's start-up probe turn the stalled default run into the unguarded one?
 
-With experts trained for one epoch (``benchmarks/cifar10.py --expert-epochs 1``) every segment's matching loss
+With experts trained for one epoch (``benchmarks/cifar10.py --expert-epochs 1``; mean/std-normalised, which is
+``--expert-preprocess normalize`` since the CPU scale turned to ZCA, folder ``cpu_experts1ep_normalize-experts``) every segment's matching loss
 exceeded threshold 1, so the default run skipped all its updates; the run with ``threshold=1e9`` beat its hard-label
 start (``benchmarks/results/cifar10_cpu_experts1ep_threshold_2026-12-01.md``). This runs the benchmark's IPC-1
 soft-label MTT-LSS row with the default guard (threshold 1, ``threshold_probe`` 3) for a few iterations on the same

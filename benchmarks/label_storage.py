@@ -3,6 +3,7 @@ classes per image (``label_dtype``, ``label_topk``; docs/method.md section 6), e
 benchmark's rows, beside the float32 original, with the label storage of each.
 
     python benchmarks/label_storage.py benchmarks/out/cifar10/cpu/ipc1/lowrank/synthetic.safetensors ...
+    # (its 2026-12-01 record used the set of the mean/std-normalised experts, now cpu_normalize-experts/)
     python benchmarks/label_storage.py ART --variants float16 float32:top1 float16:top3
 
 Each variant is written as an artifact of its own (``<out>/<variant>/synthetic.safetensors``: the same images and

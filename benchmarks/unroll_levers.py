@@ -7,15 +7,17 @@ Two parts, each alternating its variants round by round in one run (medians over
 
 1. **Kernels**: one full-mode unroll of ``--steps`` inner steps of the library's ConvNet-3 (``functional_call``
    on named views, as ``mttlss.matching`` does), then the outer backward into the images [B, 3, 32, 32] and
-   alpha. Variants change only how one inner gradient is computed:
+   alpha. Variants change only how one inner gradient is computed (system allocator, ``--steps`` 10 by default):
    - ``eager``: ``torch.autograd.grad(create_graph=True)``, what ``memory=full`` runs;
    - ``compile``: ``torch.compile(torch.func.grad(loss))``, the inner gradient as one compiled function whose
      own backward is first order for the compiler (its first call, which compiles, is timed apart);
    - ``channels_last``: images and convolution weights in channels-last memory format;
    - ``gemm_conv``: every convolution as ``unfold`` + one matrix product (im2col), whose double backward is
      matrix products too.
-   Each row gives the relative difference of its image gradient to ``eager``'s (the same mathematics; float
-   sums in another order).
+   - ``func_grad``: ``torch.func.grad(loss)`` uncompiled, the compiled variant's own code path.
+   The image gradient of each row is compared with the same unroll in float64 (eager), so the table shows how far
+   each float32 variant is from the exact value, not only from another float32 order of sums. The weights are
+   made channels-last inside each inner step, as the library's flat parameter vector [P] would need.
 2. **Ranks**: speed.py's IPC 1 / syn_steps 50 pixel cell in full mode, one process of two threads against two
    torchrun ranks of one thread (gloo), each rank taking half of every inner batch.
 """
@@ -71,27 +73,27 @@ def inner_gradients(model: nn.Module, *, compile: bool = True):
     """{variant: fn(params, x, y) -> grads}: one inner gradient of the cross-entropy, graph kept for the outer pass
     (``compile=False`` leaves out the compiled variant, which takes about a minute to compile)."""
 
-    def loss(params, x, y):
-        return F.cross_entropy(functional_call(model, params, (x,)), y)
+    def loss_of(net):
+        return lambda params, x, y: F.cross_entropy(functional_call(net, params, (x,)), y)
 
     def eager(params, x, y, net=model):
-        out = F.cross_entropy(functional_call(net, params, (x,)), y)
-        return dict(zip(params, torch.autograd.grad(out, list(params.values()), create_graph=True)))
+        return dict(zip(params, torch.autograd.grad(loss_of(net)(params, x, y), list(params.values()), create_graph=True)))
 
     def channels_last(params, x, y):
         cl = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in params.items()}
         return eager(cl, x.contiguous(memory_format=torch.channels_last), y)
 
     gemm = with_gemm_convs(model)
-    fns = {"eager": eager, "channels_last": channels_last, "gemm_conv": lambda params, x, y: eager(params, x, y, net=gemm)}
-    return {**fns, "compile": torch.compile(torch.func.grad(loss))} if compile else fns
+    fns = {"eager": eager, "channels_last": channels_last, "gemm_conv": lambda params, x, y: eager(params, x, y, net=gemm),
+           "func_grad": torch.func.grad(loss_of(model))}
+    return {**fns, "compile": torch.compile(torch.func.grad(loss_of(model)))} if compile else fns
 
 
 def unroll(grad_fn, start: dict, images: torch.Tensor, labels: torch.Tensor, steps: int):
     """theta_N after ``steps`` SGD steps, each on all of ``images`` [N, 3, 32, 32] in a new order (IPC 1, batch_syn
     10), then dL/d(images) and dL/dalpha."""
     x = images.detach().clone().requires_grad_(True)
-    alpha = torch.tensor(0.01, requires_grad=True)
+    alpha = torch.tensor(0.01, dtype=images.dtype, requires_grad=True)
     params = {k: v.detach().clone().requires_grad_(True) for k, v in start.items()}
     gen = torch.Generator().manual_seed(0)
     for _ in range(steps):
@@ -110,17 +112,20 @@ def kernels_part(*, steps: int, rounds: int) -> list[dict]:
     images = torch.randn(10, 3, 32, 32)  # one per class, training space
     labels = torch.arange(10)
     fns = inner_gradients(model)
-    reference, _ = unroll(fns["eager"], start, images, labels, steps)
+    exact = copy.deepcopy(model).double()
+    reference, _ = unroll(inner_gradients(exact, compile=False)["eager"], {k: v.double() for k, v in start.items()},
+                          images.double(), labels, steps)
+    reference = reference.float()
     rows = {name: {"variant": name, "seconds": []} for name in fns}
     t0 = time.perf_counter()
-    first, _ = unroll(fns["compile"], start, images, labels, steps)  # compiles
+    unroll(fns["compile"], start, images, labels, steps)  # compiles
     rows["compile"]["first_call_seconds"] = time.perf_counter() - t0
     for _ in range(rounds):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             gx, _ = unroll(fn, start, images, labels, steps)
             rows[name]["seconds"].append(time.perf_counter() - t0)
-            rows[name]["image_grad_rel_diff"] = float((gx - reference).norm() / reference.norm())
+            rows[name]["image_grad_rel_diff_fp64"] = float((gx - reference).norm() / reference.norm())
     base = statistics.median(rows["eager"]["seconds"])
     for row in rows.values():
         row["median_s"] = statistics.median(row["seconds"])
@@ -152,11 +157,11 @@ def table(report: dict) -> str:
     lines = [f"CPU: {m['cpu']} (amx_bf16={m['amx_bf16']}), torch {m['torch']}, {m['torch_threads']} threads, {m['date']}",
              "", f"Kernels: full-mode unroll of {report['steps']} inner steps of 10 images "
              "(ConvNet-3 width 128), outer backward included", "",
-             "| variant | s per unroll (median) | x eager | image-gradient rel. diff to eager | note |",
+             "| variant | s per unroll (median) | x eager | image-gradient rel. diff to float64 | note |",
              "|---|---|---|---|---|"]
     for r in report["kernels"]:
         note = f"first call (compiling) {r['first_call_seconds']:.1f} s" if "first_call_seconds" in r else ""
-        lines.append(f"| {r['variant']} | {r['median_s']:.3f} | {r['x_eager']:.2f} | {r['image_grad_rel_diff']:.1e} | {note} |")
+        lines.append(f"| {r['variant']} | {r['median_s']:.3f} | {r['x_eager']:.2f} | {r['image_grad_rel_diff_fp64']:.1e} | {note} |")
     lines += ["", "Ranks: speed.py's IPC 1 / syn_steps 50 pixel cell (batch 10), memory=full, tuned allocator", "",
               "| variant | s/iter (median) | x one process | peak RSS GiB (rank 0 or the process) |", "|---|---|---|---|"]
     for r in report["ranks"]:
@@ -168,12 +173,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10, help="inner steps per unroll in the kernels part")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rank-rounds", type=int, default=2, help="alternated rounds in the ranks part")
     ap.add_argument("--rank-iters", type=int, default=3, help="timed iterations per child in the ranks part")
     ap.add_argument("--record", action="store_true", help="write benchmarks/results/unroll_levers_<cpu>_<date>")
     args = ap.parse_args()
     report = {"machine": speed.machine(), "steps": args.steps,
               "kernels": kernels_part(steps=args.steps, rounds=args.rounds),
-              "ranks": ranks_part(rounds=2, iters=args.rank_iters)}
+              "ranks": ranks_part(rounds=args.rank_rounds, iters=args.rank_iters)}
     text = table(report)
     print(text)
     if args.record:

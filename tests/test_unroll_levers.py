@@ -31,10 +31,10 @@ def test_kernel_variants_give_the_eager_image_gradient():
     start = {k: v.detach() for k, v in model.named_parameters()}
     images, labels = torch.randn(10, 3, 16, 16), torch.arange(10)
     fns = unroll_levers.inner_gradients(model, compile=False)
-    assert set(fns) == {"eager", "channels_last", "gemm_conv"}
+    assert set(fns) == {"eager", "channels_last", "gemm_conv", "func_grad"}
     ref_x, ref_alpha = unroll_levers.unroll(fns["eager"], start, images, labels, steps=3)
     assert ref_x.abs().sum() > 0 and ref_alpha != 0
-    for name in ("channels_last", "gemm_conv"):
+    for name in ("channels_last", "gemm_conv", "func_grad"):
         gx, galpha = unroll_levers.unroll(fns[name], start, images, labels, steps=3)
         torch.testing.assert_close(gx, ref_x, rtol=1e-4, atol=1e-7, msg=name)
         torch.testing.assert_close(galpha, ref_alpha, rtol=1e-4, atol=1e-7, msg=name)
