@@ -59,7 +59,7 @@ class GemmConv2d(nn.Conv2d):
 def with_gemm_convs(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose Conv2d layers are GemmConv2d (same names, so the same parameter views)."""
     model = copy.deepcopy(model)
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Conv2d:
                 gemm = GemmConv2d(child.in_channels, child.out_channels, child.kernel_size, stride=child.stride,
@@ -69,22 +69,28 @@ def with_gemm_convs(model: nn.Module) -> nn.Module:
     return model
 
 
+def loss_of(net: nn.Module):
+    """fn(params, x, y) -> the cross-entropy of ``net`` on x [B, 3, H, W] with the named ``params``."""
+    return lambda params, x, y: F.cross_entropy(functional_call(net, params, (x,)), y)
+
+
+def eager_gradient(net: nn.Module):
+    """fn(params, x, y) -> {name: grad}, by ``torch.autograd.grad(create_graph=True)`` as memory=full does."""
+    loss = loss_of(net)
+    return lambda params, x, y: dict(zip(params, torch.autograd.grad(loss(params, x, y), list(params.values()),
+                                                                     create_graph=True)))
+
+
 def inner_gradients(model: nn.Module, *, compile: bool = True):
     """{variant: fn(params, x, y) -> grads}: one inner gradient of the cross-entropy, graph kept for the outer pass
     (``compile=False`` leaves out the compiled variant, which takes about a minute to compile)."""
-
-    def loss_of(net):
-        return lambda params, x, y: F.cross_entropy(functional_call(net, params, (x,)), y)
-
-    def eager(params, x, y, net=model):
-        return dict(zip(params, torch.autograd.grad(loss_of(net)(params, x, y), list(params.values()), create_graph=True)))
+    eager = eager_gradient(model)
 
     def channels_last(params, x, y):
         cl = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in params.items()}
         return eager(cl, x.contiguous(memory_format=torch.channels_last), y)
 
-    gemm = with_gemm_convs(model)
-    fns = {"eager": eager, "channels_last": channels_last, "gemm_conv": lambda params, x, y: eager(params, x, y, net=gemm),
+    fns = {"eager": eager, "channels_last": channels_last, "gemm_conv": eager_gradient(with_gemm_convs(model)),
            "func_grad": torch.func.grad(loss_of(model))}
     return {**fns, "compile": torch.compile(torch.func.grad(loss_of(model)))} if compile else fns
 
@@ -113,7 +119,7 @@ def kernels_part(*, steps: int, rounds: int) -> list[dict]:
     labels = torch.arange(10)
     fns = inner_gradients(model)
     exact = copy.deepcopy(model).double()
-    reference, _ = unroll(inner_gradients(exact, compile=False)["eager"], {k: v.double() for k, v in start.items()},
+    reference, _ = unroll(eager_gradient(exact), {k: v.double() for k, v in start.items()},
                           images.double(), labels, steps)
     reference = reference.float()
     rows = {name: {"variant": name, "seconds": []} for name in fns}
