@@ -4,6 +4,7 @@
     python benchmarks/speed.py --quick          # a smoke run: small cells, one repetition
     python benchmarks/speed.py --device cuda --paper   # paper sizes on a GPU (CIFAR-10/100 IPC 10, syn_steps 80)
     python benchmarks/speed.py --tesla          # only memory=tesla against full and checkpoint, pixel cells (~15 min)
+    python benchmarks/speed.py --allocators     # only the allocators (tcmalloc, jemalloc where installed), pixel cells
 
 One outer iteration = decode, DSA and the unroll of ``syn_steps`` student steps (ConvNet-3 width 128 on CIFAR
 shapes, batch_syn = IPC x classes), the normalised trajectory loss, its backward into every learnable and one SGD
@@ -40,7 +41,7 @@ from mttlss.distributed import reduce_partial_grads
 from mttlss.matching import batch_schedule, trajectory_loss, unroll_student
 from mttlss.models import ParamLayout, build_model, flatten_params, model_spec
 from mttlss.parameterization import LowRankSet, PixelSet, solve_budget
-from mttlss.runtime import tune_allocator
+from mttlss.runtime import ENV as ALLOCATOR_ENV, allocator_plan, find_allocator_library, tune_allocator
 from mttlss.training import soft_label_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +83,10 @@ def _problem(*, ipc: int, classes: int, param: str, device: str):
 def run_variant(args) -> dict:
     if args.allocator == "tuned":
         tune_allocator(force=True)
+    elif args.allocator in PRELOADED:  # run_child preloaded it: check that this process really has it
+        maps = Path("/proc/self/maps").read_text()
+        if allocator_plan()["library"] not in maps:
+            raise SystemExit(f"allocator {args.allocator} was to be preloaded but is not mapped in this process")
     if "WORLD_SIZE" in os.environ:  # launched by torchrun: one distillation over the ranks, gloo on the CPU
         torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     model, layout, syn, labels, start, target = _problem(ipc=args.ipc, classes=args.classes, param=args.param,
@@ -191,6 +196,8 @@ def run_child(cell: dict, variant: dict, *, iters: int, device: str, fidelity: b
     if fidelity:
         cmd.append("--fidelity")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    if variant["allocator"] in PRELOADED:  # the library's own plan: LD_PRELOAD and the allocator's settings
+        env.update(allocator_plan({ALLOCATOR_ENV: variant["allocator"]})["env"])
     if ranks > 1:  # the cores are shared out: one thread per rank
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -229,6 +236,15 @@ BF16 = dict(memory="checkpoint", precision="bf16", allocator="tuned")
 TESLA = dict(memory="tesla", precision="fp32", allocator="tuned")  # not exact: shown for comparison
 TESLA_COMPARISON = [BASELINE, VARIANTS[1], VARIANTS[3], TESLA]  # --tesla
 TWO_RANKS = dict(memory="checkpoint", precision="fp32", allocator="tuned", ranks=2)
+PRELOADED = ("tcmalloc", "jemalloc")  # allocators preloaded into the child (runtime.exec_with_allocator's way)
+
+
+def allocator_variants(cell: dict) -> list[dict]:
+    """--allocators: the baseline, glibc's mallopt setting and each preloadable allocator this system has, in full
+    mode, and in checkpoint mode too where the batch is large (at IPC 1 the allocator was measured not to matter)."""
+    names = ["tuned", *[n for n in PRELOADED if find_allocator_library(n)]]
+    modes = ("full", "checkpoint") if cell["ipc"] >= 10 else ("full",)
+    return [BASELINE, *[dict(memory=m, precision="fp32", allocator=n) for m in modes for n in names]]
 
 
 def variants_for(cell: dict, paper: bool) -> list[dict]:
@@ -256,6 +272,8 @@ def main() -> None:
     ap.add_argument("--skip-bf16", action="store_true", help="skip the bf16 rows (20x slower where bf16 is not native)")
     ap.add_argument("--memory-only", action="store_true", help="only the memory series (peak RSS does not depend on load)")
     ap.add_argument("--tesla", action="store_true", help="only tesla against full and checkpoint (tuned), pixel cells")
+    ap.add_argument("--allocators", action="store_true",
+                    help="only the allocators (system, glibc mallopt, tcmalloc, jemalloc where installed), pixel cells")
     ap.add_argument("--out", default=None)
     # the child's arguments
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -281,6 +299,9 @@ def main() -> None:
     if args.tesla:
         speed_cells, memory_series = [c for c in speed_cells if c["param"] == "pixel"], []
         args.skip_bf16 = True
+    if args.allocators:
+        speed_cells, memory_series = [c for c in speed_cells if c["param"] == "pixel"], []
+        args.skip_bf16 = True
     rounds = 0 if args.memory_only else 1 if args.quick else args.rounds
     rows: dict[str, dict] = {}
 
@@ -298,7 +319,9 @@ def main() -> None:
     for r in range(rounds):
         print(f"# round {r + 1}/{rounds}", flush=True)
         for cell in speed_cells:
-            for variant in (TESLA_COMPARISON if args.tesla else variants_for(cell, args.paper)):
+            chosen = TESLA_COMPARISON if args.tesla else allocator_variants(cell) if args.allocators else \
+                variants_for(cell, args.paper)
+            for variant in chosen:
                 record("speed", cell, variant, run_child(cell, variant, iters=args.iters, device=args.device))
     # memory: one iteration per point; full mode only where a linear fit of its shorter unrolls fits the machine
     full_points: list[tuple[int, float]] = []
@@ -318,13 +341,14 @@ def main() -> None:
         cell = dict(ipc=1, classes=10, param="pixel", steps=5 if args.quick else 50, batch_syn=10)
         record("bf16", cell, BF16, run_child(cell, BF16, iters=args.iters, device=args.device))
         record("fidelity", cell, BF16, run_child(cell, BF16, iters=0, device=args.device, fidelity=True))
-    if not args.memory_only:  # how far TESLA's gradient is from the exact one, on every speed cell
+    if not args.memory_only and not args.allocators:  # how far TESLA's gradient is from the exact one, per speed cell
         for cell in speed_cells:
             record("fidelity", cell, TESLA, run_child(cell, TESLA, iters=0, device=args.device, fidelity=True))
 
     table = summarise(rows, info)
     stamp = info["date"]
-    kind = "quick_" if args.quick else "memory_" if args.memory_only else "tesla_" if args.tesla else ""
+    kind = "quick_" if args.quick else "memory_" if args.memory_only else "tesla_" if args.tesla else \
+        "allocators_" if args.allocators else ""
     out = Path(args.out) if args.out else RESULTS / f"speed_{args.device.split(':')[0]}_{kind}{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": info, "rows": list(rows.values())}, indent=1))

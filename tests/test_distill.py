@@ -174,6 +174,9 @@ def test_checkpoint_memory_mode_distills_the_same_set_as_full_mode(experts, tmp_
     assert ckpt.init_info["memory"]["mode"] == "checkpoint"
     # the artifact says how it was made
     assert mttlss.load(ckpt.artifact).manifest["init"]["memory"]["mode"] == "checkpoint"
+    from mttlss.runtime import allocator_status  # and which allocator this process ran with
+
+    assert mttlss.load(ckpt.artifact).manifest["init"]["allocator"] == allocator_status()
     from mttlss.artifact import format_manifest, read_manifest
 
     assert "unroll memory checkpoint: memory=checkpoint was set" in format_manifest(read_manifest(ckpt.artifact))

@@ -13,6 +13,7 @@ import signal
 import sys
 
 from mttlss.errors import DEBUG_ENV, EXIT_INTERRUPTED, INTERRUPTED
+from mttlss.runtime import exec_with_allocator
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,5 +48,16 @@ def run() -> None:
     sys.exit(code)
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `mttlss` script and `python -m mttlss`: first re-execute with a faster allocator preloaded where one is
+    installed (runtime.py: tcmalloc or jemalloc; ``MTTLSS_ALLOCATOR=system`` switches it off), then run."""
+    try:
+        exec_with_allocator()  # returns where nothing is to be preloaded or it already is
+    except KeyboardInterrupt:
+        print(f"mttlss: {INTERRUPTED}", file=sys.stderr)
+        os._exit(EXIT_INTERRUPTED)
     run()
+
+
+if __name__ == "__main__":
+    entry()

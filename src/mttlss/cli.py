@@ -44,6 +44,9 @@ A full disk names the full folder; the files written before it (checkpoint, fini
 An artifact is data, never a pointer: `evaluate` and `export --full-train-zca` read the dataset it names only
 when that takes no path from it (digits; cifar10 etc. under --data-root or $MTTLSS_DATA, never downloaded
 unasked); an npz:/folder: dataset must be named with --dataset.
+The command first re-executes itself with tcmalloc or jemalloc preloaded where one is installed, else tells
+glibc's malloc to keep freed memory (an inner step's activations are then not faulted back in from the kernel);
+MTTLSS_ALLOCATOR=auto|tcmalloc|jemalloc|PATH.so|glibc|system chooses, `system` switches it off.
 """
 
 from __future__ import annotations
@@ -491,7 +494,6 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:2] == ["experts", "import"]:  # `mttlss experts import PATH ...` reads naturally; route it
         argv = ["experts-import", *argv[2:]]
     args = build_parser().parse_args(argv)
-    tune_allocator()  # keep freed tensor memory mapped (1.6-2x on CPU, runtime.py); MTTLSS_ALLOCATOR=system: off
     return run_command(args, debug=debug or DEBUG_ENV in os.environ)
 
 
@@ -501,6 +503,7 @@ def run_command(args: argparse.Namespace, *, debug: bool = False) -> int:
     ``debug`` re-raises everything with its traceback."""
     prefix = f"mttlss {args.command}"
     try:
+        tune_allocator()  # keep freed tensor memory in the process (1.6-2x on CPU, runtime.py); MTTLSS_ALLOCATOR=system: off
         return args.func(args)
     except KeyboardInterrupt:
         if debug:

@@ -50,7 +50,7 @@ from mttlss.models import ParamLayout, build_model, has_buffers
 from mttlss.parameterization import SyntheticSet, build_synthetic_set
 from mttlss.preprocessing import Preprocessor
 from mttlss.records import open_sinks, require_extras
-from mttlss.runtime import available_memory_bytes
+from mttlss.runtime import allocator_status, available_memory_bytes, describe_allocator
 from mttlss.training import EvalRecipe, evaluate_synthetic, label_loss, soft_targets
 
 CHECKPOINT = "checkpoint.pt"
@@ -753,6 +753,7 @@ def distill(config: DistillConfig, *, experts: str | Path | ExpertSet, out: str 
     info.update(chosen)
     memory, why, estimate = choose_memory(run, state)
     info["memory"] = {"mode": memory, "exact": memory in EXACT_MEMORY_MODES, "why": why, "estimate": estimate}
+    info["allocator"] = allocator_status()  # this process's (a resumed run may differ from its start)
     run = replace(run, memory=memory)
     if not resumed:
         info["guard"] = settle_guard(run, state)
@@ -763,6 +764,8 @@ def distill(config: DistillConfig, *, experts: str | Path | ExpertSet, out: str 
         if "batch_syn" in info:
             print(info["batch_syn"]["why"], file=sys.stderr)
         print(why, file=sys.stderr)
+        if str(run.device).startswith("cpu"):
+            print(describe_allocator(info["allocator"]), file=sys.stderr)
         if "why" in guard:
             print(f"update guard {'lifted' if guard.get('lifted') else 'on'}"
                   f"{' (decided at the start)' if resumed else ''}: {guard['why']}", file=sys.stderr)
