@@ -41,7 +41,8 @@ from mttlss.distributed import reduce_partial_grads
 from mttlss.matching import batch_schedule, trajectory_loss, unroll_student
 from mttlss.models import ParamLayout, build_model, flatten_params, model_spec
 from mttlss.parameterization import LowRankSet, PixelSet, solve_budget
-from mttlss.runtime import ENV as ALLOCATOR_ENV, allocator_plan, find_allocator_library, tune_allocator
+from mttlss.runtime import ENV as ALLOCATOR_ENV, PRELOADED_ENV, allocator_plan, find_allocator_library, library_mapped, \
+    tune_allocator
 from mttlss.training import soft_label_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,8 +85,7 @@ def run_variant(args) -> dict:
     if args.allocator == "tuned":
         tune_allocator(force=True)
     elif args.allocator in PRELOADED:  # run_child preloaded it: check that this process really has it
-        maps = Path("/proc/self/maps").read_text()
-        if allocator_plan()["library"] not in maps:
+        if not library_mapped(allocator_plan({ALLOCATOR_ENV: args.allocator})["library"]):
             raise SystemExit(f"allocator {args.allocator} was to be preloaded but is not mapped in this process")
     if "WORLD_SIZE" in os.environ:  # launched by torchrun: one distillation over the ranks, gloo on the CPU
         torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
@@ -196,6 +196,8 @@ def run_child(cell: dict, variant: dict, *, iters: int, device: str, fidelity: b
     if fidelity:
         cmd.append("--fidelity")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    for key in ("LD_PRELOAD", PRELOADED_ENV):  # whatever the caller had preloaded stays out of the comparison
+        env.pop(key, None)
     if variant["allocator"] in PRELOADED:  # the library's own plan: LD_PRELOAD and the allocator's settings
         env.update(allocator_plan({ALLOCATOR_ENV: variant["allocator"]})["env"])
     if ranks > 1:  # the cores are shared out: one thread per rank

@@ -50,7 +50,10 @@ def run() -> None:
 
 def entry() -> None:
     """The `mttlss` script and `python -m mttlss`: first re-execute with a faster allocator preloaded where one is
-    installed (runtime.py: tcmalloc or jemalloc; ``MTTLSS_ALLOCATOR=system`` switches it off), then run."""
+    installed (runtime.py: tcmalloc or jemalloc; ``MTTLSS_ALLOCATOR=system`` switches it off), then run.
+
+    The exec starts a second interpreter: a Ctrl-C in the few milliseconds before it reaches this function ends
+    the process by the signal (exit -2) rather than with the sentence and exit 130, as during any start-up."""
     try:
         exec_with_allocator()  # returns where nothing is to be preloaded or it already is
     except KeyboardInterrupt:

@@ -44,9 +44,9 @@ A full disk names the full folder; the files written before it (checkpoint, fini
 An artifact is data, never a pointer: `evaluate` and `export --full-train-zca` read the dataset it names only
 when that takes no path from it (digits; cifar10 etc. under --data-root or $MTTLSS_DATA, never downloaded
 unasked); an npz:/folder: dataset must be named with --dataset.
-The command first re-executes itself with tcmalloc or jemalloc preloaded where one is installed, else tells
-glibc's malloc to keep freed memory (an inner step's activations are then not faulted back in from the kernel);
-MTTLSS_ALLOCATOR=auto|tcmalloc|jemalloc|PATH.so|glibc|system chooses, `system` switches it off.
+The `mttlss` command (and `python -m mttlss`) first re-executes itself with tcmalloc or jemalloc preloaded where one
+is installed, else tells glibc's malloc to keep freed memory (an inner step's activations are then not faulted back
+in from the kernel); MTTLSS_ALLOCATOR=auto|tcmalloc|jemalloc|PATH.so|glibc|system chooses, `system` switches it off.
 """
 
 from __future__ import annotations

@@ -764,8 +764,7 @@ def distill(config: DistillConfig, *, experts: str | Path | ExpertSet, out: str 
         if "batch_syn" in info:
             print(info["batch_syn"]["why"], file=sys.stderr)
         print(why, file=sys.stderr)
-        if str(run.device).startswith("cpu"):
-            print(describe_allocator(info["allocator"]), file=sys.stderr)
+        print(describe_allocator(info["allocator"]), file=sys.stderr)
         if "why" in guard:
             print(f"update guard {'lifted' if guard.get('lifted') else 'on'}"
                   f"{' (decided at the start)' if resumed else ''}: {guard['why']}", file=sys.stderr)
