@@ -151,6 +151,15 @@ def launched_as_command() -> bool:
     return module or script
 
 
+def _set_environment(values: dict) -> None:
+    """Set each variable to its value; None removes it."""
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def exec_with_allocator() -> None:
     """Re-execute this process (same interpreter, same command line, same PID) with the chosen allocator preloaded;
     return at once where nothing is to be preloaded, where this process is not the mttlss command, or in the
@@ -166,11 +175,7 @@ def exec_with_allocator() -> None:
         except (ValueError, KeyError, TypeError):
             mine = False
         if mine:  # the re-executed process: give the user's environment back to whatever it starts
-            for key, value in info["restore"].items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+            _set_environment(info["restore"])
             _preloaded = {"allocator": info["allocator"], "library": info["library"],
                           "mapped": library_mapped(info["library"])}
             return
@@ -187,12 +192,7 @@ def exec_with_allocator() -> None:
     try:
         os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
     except OSError:
-        os.environ.pop(PRELOADED_ENV, None)
-        for key, value in restore.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        _set_environment({**restore, PRELOADED_ENV: None})
 
 
 def tune_allocator(*, force: bool = False) -> dict:
