@@ -5,6 +5,8 @@
     python benchmarks/speed.py --device cuda --paper   # paper sizes on a GPU (CIFAR-10/100 IPC 10, syn_steps 80)
     python benchmarks/speed.py --tesla          # only memory=tesla against full and checkpoint, pixel cells (~15 min)
     python benchmarks/speed.py --allocators     # only the allocators (tcmalloc, jemalloc where installed), pixel cells
+    python benchmarks/speed.py --precisions     # only fp32 against bf16, every speed cell, with the command's allocator
+    python benchmarks/speed.py --tesla --fidelity-only   # only the fidelity rows (here tesla's), no timing
 
 One outer iteration = decode, DSA and the unroll of ``syn_steps`` student steps (ConvNet-3 width 128 on CIFAR
 shapes, batch_syn = IPC x classes), the normalised trajectory loss, its backward into every learnable and one SGD
@@ -15,8 +17,10 @@ allocator setting is per process. The children run one at a time, variants alter
 machine drift hits all alike; seconds per iteration are medians over rounds, after one untimed warm-up
 iteration whose FLOPs are counted (``torch.utils.flop_counter``). Ratios are against the baseline that the
 reference code runs at: full memory, fp32, eager, the system allocator. ``memory=tesla`` rows (TESLA's
-constant-memory gradient, approximate) are measured beside the exact modes and marked so; a fidelity row per
-cell gives the cosine between their outer gradient and the exact one. They are not exact: shown for comparison.
+constant-memory gradient, approximate) are measured beside the exact modes and marked so. A fidelity row per
+cell (tesla's, or bf16's with ``--precisions``) compares the outer gradient with exact fp32's learnable by
+learnable (cosine and relative error of the images or factors, the label logits, alpha), since alpha's single
+gradient would dominate one cosine over all of them together.
 """
 
 from __future__ import annotations
@@ -55,11 +59,11 @@ BASELINE = dict(memory="full", precision="fp32", allocator="system")
 # one variant, in a child process
 
 
-def _problem(*, ipc: int, classes: int, param: str, device: str):
-    """ConvNet-3 (width 128), a synthetic set of IPC images per class's storage, its labels and learnables."""
+def _problem(*, ipc: int, classes: int, param: str, device: str, width: int = 128):
+    """ConvNet-3 (width 128, the paper's), a synthetic set of IPC images per class's storage, its labels and learnables."""
 
     torch.manual_seed(0)
-    model = build_model(model_spec("convnet", width=128, depth=3), channels=3, num_classes=classes,
+    model = build_model(model_spec("convnet", width=width, depth=3), channels=3, num_classes=classes,
                         image_size=(32, 32)).to(device)
     if param == "pixel":
         syn = PixelSet(num_classes=classes, image_shape=(3, 32, 32), images_per_class=ipc)
@@ -90,7 +94,7 @@ def run_variant(args) -> dict:
     if "WORLD_SIZE" in os.environ:  # launched by torchrun: one distillation over the ranks, gloo on the CPU
         torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     model, layout, syn, labels, start, target = _problem(ipc=args.ipc, classes=args.classes, param=args.param,
-                                                         device=args.device)
+                                                         device=args.device, width=args.width)
     hard = syn.labels_hard().to(args.device)
     syn_lr = torch.tensor(0.01, device=args.device, requires_grad=True)
     learnables = (*syn.parameters(), *([labels] if labels is not None else []))
@@ -122,8 +126,16 @@ def run_variant(args) -> dict:
     if args.fidelity:  # the same iteration exact in fp32 and in the variant's precision and memory, before any update
         loss32, g32 = iteration(0, "fp32", "checkpoint")
         loss_lp, g_lp = iteration(0, args.precision, args.memory)
-        flat32, flat_lp = torch.cat([g.flatten() for g in g32]), torch.cat([g.flatten() for g in g_lp])
-        out["grad_cosine"] = float(F.cosine_similarity(flat32, flat_lp, dim=0))
+        # per learnable (alpha's scalar gradient would dominate one cosine over all of them), in float64: at
+        # float32's resolution a cosine this close to 1 rounds to exactly 1
+        names = [n for n, _ in syn.named_parameters()] + (["label_logits"] if labels is not None else []) + ["syn_lr"]
+        out["grad_cosines"] = {
+            name: float(F.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0)) if a.numel() > 1
+            else float(torch.sign(a) * torch.sign(b))  # a scalar: only its sign can agree or not
+            for name, a, b in zip(names, g32, g_lp)}
+        out["grad_rel_errors"] = {name: float((b.double() - a.double()).norm() / a.double().norm())
+                                  for name, a, b in zip(names, g32, g_lp)}
+        out["grad_cosine"] = min(out["grad_cosines"].values())
         out["loss_rel_diff"] = abs(loss_lp - loss32) / abs(loss32)
         return out
     if args.iters == 0:  # a memory point: one plain iteration (the FLOP counter's own bookkeeping stays out)
@@ -249,6 +261,26 @@ def allocator_variants(cell: dict) -> list[dict]:
     return [BASELINE, *[dict(memory=m, precision="fp32", allocator=n) for m in modes for n in names]]
 
 
+# the CIFAR-10 CPU benchmark's MTT-LSS unrolls (benchmarks/cifar10.py): ConvNet-3 width 32, IPC 1 80 steps of 32
+# images, IPC 10 40 steps of 50 (where bf16's gain was measured to vanish: precision=auto's threshold)
+BENCHMARK_CELLS = [dict(ipc=1, classes=10, param="lowrank", steps=80, batch_syn=32, width=32),
+                   dict(ipc=10, classes=10, param="lowrank", steps=40, batch_syn=50, width=32)]
+
+
+def command_allocator() -> str:
+    """The allocator the mttlss command would run under here (MTTLSS_ALLOCATOR=auto), as a variant's name."""
+    name = allocator_plan({ALLOCATOR_ENV: "auto"})["allocator"]
+    return name if name in PRELOADED else "tuned" if name == "glibc-tuned" else "system"
+
+
+def precision_variants(cell: dict) -> list[dict]:
+    """--precisions: the baseline, then each exact memory mode in fp32 and in bf16 under the command's allocator,
+    so that bf16's gain is measured on top of every other lever, cell by cell."""
+    allocator = command_allocator()
+    return [BASELINE, *[dict(memory=m, precision=p, allocator=allocator) for p in ("fp32", "bf16")
+                        for m in ("full", "checkpoint")]]
+
+
 def variants_for(cell: dict, paper: bool) -> list[dict]:
     """All variants on the pixel cells; the low-rank cells (slower decode, same network) get the baseline and the
     fast modes; two ranks of one thread against one process of two threads where the batch is large."""
@@ -276,12 +308,18 @@ def main() -> None:
     ap.add_argument("--tesla", action="store_true", help="only tesla against full and checkpoint (tuned), pixel cells")
     ap.add_argument("--allocators", action="store_true",
                     help="only the allocators (system, glibc mallopt, tcmalloc, jemalloc where installed), pixel cells")
+    ap.add_argument("--precisions", action="store_true",
+                    help="only fp32 against bf16 in each exact memory mode, every speed cell, the command's allocator; "
+                         "a fidelity row (outer-gradient cosine against exact fp32) per cell")
+    ap.add_argument("--fidelity-only", action="store_true",
+                    help="only the fidelity rows (bf16's with --precisions, else tesla's): no timing")
     ap.add_argument("--out", default=None)
     # the child's arguments
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for name, kind in (("ipc", int), ("classes", int), ("param", str), ("steps", int), ("batch-syn", int),
                        ("memory", str), ("precision", str), ("allocator", str)):
         ap.add_argument(f"--{name}", type=kind, help=argparse.SUPPRESS)
+    ap.add_argument("--width", type=int, default=128, help=argparse.SUPPRESS)
     ap.add_argument("--fidelity", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -294,7 +332,7 @@ def main() -> None:
     info["matmul_gflops_fp32"] = matmul_gflops(torch.float32, args.device)
     # bf16 at a smaller size: without native bf16 (AMD EPYC here) a 2048^3 product takes minutes
     info["matmul_gflops_bf16"] = matmul_gflops(torch.bfloat16, args.device, n=512, repeats=3)
-    print(f"# {info['cpu']} (amx_bf16={info['amx_bf16']}), {info['cores']} cores, torch {info['torch']} "
+    print(f"# {info['cpu']} (amx_bf16={info['amx_bf16']}, avx512_bf16={info['avx512_bf16']}), {info['cores']} cores, torch {info['torch']} "
           f"{info['torch_threads']} threads; matmul {info['matmul_gflops_fp32']:.0f} GFLOP/s fp32, "
           f"{info['matmul_gflops_bf16']:.0f} bf16", flush=True)
     speed_cells, memory_series = cells(args.quick, args.paper)
@@ -304,7 +342,12 @@ def main() -> None:
     if args.allocators:
         speed_cells, memory_series = [c for c in speed_cells if c["param"] == "pixel"], []
         args.skip_bf16 = True
-    rounds = 0 if args.memory_only else 1 if args.quick else args.rounds
+    if args.precisions:  # bf16 on every cell, not only on the cheap one, and on the CPU benchmark's narrow network
+        memory_series, args.skip_bf16 = [], True
+        speed_cells += [] if args.quick or args.paper else BENCHMARK_CELLS
+    rounds = 0 if args.memory_only or args.fidelity_only else 1 if args.quick else args.rounds
+    if args.fidelity_only:
+        memory_series, args.skip_bf16 = [], True
     rows: dict[str, dict] = {}
 
     def record(kind: str, cell: dict, variant: dict, res: dict) -> None:
@@ -322,7 +365,7 @@ def main() -> None:
         print(f"# round {r + 1}/{rounds}", flush=True)
         for cell in speed_cells:
             chosen = TESLA_COMPARISON if args.tesla else allocator_variants(cell) if args.allocators else \
-                variants_for(cell, args.paper)
+                precision_variants(cell) if args.precisions else variants_for(cell, args.paper)
             for variant in chosen:
                 record("speed", cell, variant, run_child(cell, variant, iters=args.iters, device=args.device))
     # memory: one iteration per point; full mode only where a linear fit of its shorter unrolls fits the machine
@@ -343,14 +386,19 @@ def main() -> None:
         cell = dict(ipc=1, classes=10, param="pixel", steps=5 if args.quick else 50, batch_syn=10)
         record("bf16", cell, BF16, run_child(cell, BF16, iters=args.iters, device=args.device))
         record("fidelity", cell, BF16, run_child(cell, BF16, iters=0, device=args.device, fidelity=True))
-    if not args.memory_only and not args.allocators:  # how far TESLA's gradient is from the exact one, per speed cell
+    if args.precisions:  # how far bf16's gradient is from the exact fp32 one, per speed cell, in both memory modes
+        for cell in speed_cells:
+            for variant in precision_variants(cell)[3:]:
+                record("fidelity", cell, variant, run_child(cell, variant, iters=0, device=args.device, fidelity=True))
+    elif not args.memory_only and not args.allocators:  # how far TESLA's gradient is from the exact one, per cell
         for cell in speed_cells:
             record("fidelity", cell, TESLA, run_child(cell, TESLA, iters=0, device=args.device, fidelity=True))
 
     table = summarise(rows, info)
     stamp = info["date"]
     kind = "quick_" if args.quick else "memory_" if args.memory_only else "tesla_" if args.tesla else \
-        "allocators_" if args.allocators else ""
+        "allocators_" if args.allocators else "precisions_" if args.precisions else ""
+    kind += "fidelity_" if args.fidelity_only else ""
     out = Path(args.out) if args.out else RESULTS / f"speed_{args.device.split(':')[0]}_{kind}{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": info, "rows": list(rows.values())}, indent=1))
@@ -363,31 +411,39 @@ def summarise(rows: dict[str, dict], info: dict) -> str:
     base = {}
     for row in rows.values():
         if row["kind"] == "speed" and all(row[k] == v for k, v in BASELINE.items()):
-            base[(row["ipc"], row["classes"], row["param"], row["steps"], row["batch_syn"])] = _median(row)
-    lines = [f"CPU: {info['cpu']} (amx_bf16={info['amx_bf16']}), torch {info['torch']}, {info['torch_threads']} threads, "
+            base[_cell_of(row)] = _median(row)
+    lines = [f"CPU: {info['cpu']} (amx_bf16={info['amx_bf16']}, avx512_bf16={info['avx512_bf16']}), torch {info['torch']}, {info['torch_threads']} threads, "
              f"{info['date']}; matmul {info['matmul_gflops_fp32']:.0f} GFLOP/s fp32, {info['matmul_gflops_bf16']:.0f} bf16",
-             "", "| kind | IPC | classes | param | syn_steps | batch_syn | memory | precision | allocator | ranks | s/iter (median) "
-             "| x baseline | GFLOP/s | peak RSS GiB | note |", "|" + "---|" * 15]
+             "", "| kind | IPC | classes | width | param | syn_steps | batch_syn | memory | precision | allocator | ranks "
+             "| s/iter (median) | x baseline | GFLOP/s | peak RSS GiB | note |", "|" + "---|" * 16]
     for row in rows.values():
         med = _median(row)
-        b = base.get((row["ipc"], row["classes"], row["param"], row["steps"], row["batch_syn"]))
+        b = base.get(_cell_of(row))
         runs = [r for r in row["runs"] if "peak_rss_gib" in r]
         rss = max((r["peak_rss_gib"] for r in runs), default=None)
         gflop = runs[0].get("gflop_per_iter") if runs else None
         note = "; ".join(str(r.get("skipped") or r.get("error") or "") for r in row["runs"] if "skipped" in r or "error" in r)
         if row["kind"] == "fidelity" and runs:
-            note = (f"against exact fp32: grad cosine {runs[0]['grad_cosine']:.5f}, "
-                    f"loss rel diff {runs[0]['loss_rel_diff']:.2e}")
+            per = runs[0].get("grad_cosines", {})
+            errors = runs[0].get("grad_rel_errors", {})
+            shown = ", ".join(f"{name} {cos:.5f} (rel err {errors.get(name, float('nan')):.1e})" for name, cos in per.items())
+            note = (f"against exact fp32: grad cosine, least over the learnables {runs[0]['grad_cosine']:.5f}"
+                    f"{' (' + shown + ')' if shown else ''}; loss rel diff {runs[0]['loss_rel_diff']:.2e}")
         if row["memory"] == "tesla":
             note = "; ".join(filter(None, ["approximate gradient (TESLA)", note]))
         if runs and "peak_gpu_gib" in runs[0]:
             note += f" {runs[0]['gpu']}: peak {runs[0]['peak_gpu_gib']:.2f} GiB"
         lines.append(" | ".join([
-            f"| {row['kind']}", str(row["ipc"]), str(row["classes"]), row["param"], str(row["steps"]), str(row["batch_syn"]),
+            f"| {row['kind']}", str(row["ipc"]), str(row["classes"]), str(row.get("width", 128)), row["param"],
+            str(row["steps"]), str(row["batch_syn"]),
             row["memory"], row["precision"], row["allocator"], str(row.get("ranks", 1)), f"{med:.2f}" if med else "-",
             f"{b / med:.2f}" if med and b else "-", f"{gflop / med:.1f}" if med and gflop else "-",
             f"{rss:.2f}" if rss else "-", note]) + " |")
     return "\n".join(lines)
+
+
+def _cell_of(row: dict) -> tuple:
+    return row["ipc"], row["classes"], row.get("width", 128), row["param"], row["steps"], row["batch_syn"]
 
 
 def _median(row: dict) -> float | None:

@@ -12,6 +12,13 @@ from mttlss.models import build_model, flatten_params, model_spec
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def cpu_without_native_bf16(monkeypatch):
+    """precision=auto reads the CPU's flags: pin them to "no native bf16" so that every in-process test computes in
+    fp32 whatever machine runs it (the tests of the rule itself patch native_bf16_flag again)."""
+    monkeypatch.setattr("mttlss.distillation.native_bf16_flag", lambda: None)
+
+
 def tiny_expert_config(**overrides) -> ExpertConfig:
     """The experts the distillation / CLI tests share (a few seconds on a CPU)."""
     kwargs = dict(dataset="digits", model=model_spec("convnet", width=16, depth=2), num_experts=2, epochs=6, batch_size=128)

@@ -231,6 +231,43 @@ def test_memory_mode_can_change_on_resume_but_precision_cannot(experts, tmp_path
         distill(tiny(iterations=10, precision="bf16"), experts=experts, out=out, progress=False)
 
 
+def _precision(monkeypatch, experts, flag, *, min_gflop=None, **kw):
+    monkeypatch.setattr("mttlss.distillation.native_bf16_flag", lambda: flag)
+    if min_gflop is not None:
+        monkeypatch.setattr("mttlss.distillation.AUTO_BF16_MIN_GFLOP", min_gflop)
+    r = distill(tiny(iterations=0, select_on="none", **kw), experts=experts, out=None, progress=False)
+    return r.init_info["precision"]
+
+
+def test_precision_auto_is_bf16_only_on_a_cpu_with_native_bf16_and_a_large_enough_step(monkeypatch, experts):
+    small = _precision(monkeypatch, experts, "avx512_bf16")  # digits, width 16: a few MFLOP a step
+    assert small["mode"] == "fp32" and "under the 0.5" in small["why"] and "precision=bf16" in small["why"]
+    assert 0 < small["step_forward_gflop"] < 0.01 and small["native_bf16"] == "avx512_bf16"
+    large = _precision(monkeypatch, experts, "avx512_bf16", min_gflop=0.0)
+    assert large["mode"] == "bf16" and "avx512_bf16" in large["why"] and "precision=fp32" in large["why"]
+    none = _precision(monkeypatch, experts, None, min_gflop=0.0)
+    assert none["mode"] == "fp32" and "no native bf16" in none["why"]
+    assert _precision(monkeypatch, experts, None, precision="bf16")["mode"] == "bf16"  # asked for: given
+    assert _precision(monkeypatch, experts, "amx_bf16", min_gflop=0.0, precision="fp32") == {
+        "mode": "fp32", "why": "precision=fp32 was set"}
+
+
+def test_precision_auto_resumes_in_the_precision_the_run_started_in(experts, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setattr("mttlss.distillation.native_bf16_flag", lambda: "amx_bf16")
+    monkeypatch.setattr("mttlss.distillation.AUTO_BF16_MIN_GFLOP", 0.0)
+    r = distill(tiny(iterations=4, stop_after=2, select_on="none"), experts=experts, out=out, progress=False)
+    assert r.init_info["precision"]["mode"] == "bf16" and "amx_bf16" in r.init_info["precision"]["why"]
+    monkeypatch.setattr("mttlss.distillation.native_bf16_flag", lambda: None)  # resumed on a machine without it
+    with pytest.raises(DistillError, match="precision=bf16"):
+        distill(tiny(iterations=4, select_on="none", precision="fp32"), experts=experts, out=out, progress=False)
+    r = distill(tiny(iterations=4, select_on="none"), experts=experts, out=out, progress=False)
+    assert r.init_info["precision"]["mode"] == "bf16" and len(r.history) == 4
+    from mttlss.artifact import format_manifest, read_manifest
+
+    assert "unroll precision bf16: precision=auto chose bf16" in format_manifest(read_manifest(r.artifact))
+
+
 def test_tesla_memory_mode_is_labelled_approximate_and_cannot_be_switched_on_resume(experts, tmp_path):
     out = tmp_path / "run"
     r = distill(tiny(iterations=4, stop_after=2, select_on="none", memory="tesla"), experts=experts, out=out,

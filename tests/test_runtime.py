@@ -204,3 +204,11 @@ def test_the_command_line_runs_the_same_command_after_the_reexec_and_refuses_a_b
                          env=_clean_env(**{ENV: "Fastest"}), timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
     assert "MTTLSS_ALLOCATOR='Fastest' is not an allocator choice" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_native_bf16_flag_reads_the_first_flags_line_and_prefers_amx():
+    flags = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f {}\nbogomips\t: 5192\n"
+    assert runtime.native_bf16_flag(flags.format("avx512_bf16 amx_bf16 amx_tile")) == "amx_bf16"
+    assert runtime.native_bf16_flag(flags.format("avx512_bf16 avx512_vnni")) == "avx512_bf16"  # AMD Zen 4
+    assert runtime.native_bf16_flag(flags.format("avx512_vnni")) is None                       # AMD Zen 3 and older
+    assert runtime.native_bf16_flag("Features\t: fp asimd bf16\n") is None                    # not an x86 flags line

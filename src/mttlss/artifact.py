@@ -471,6 +471,11 @@ def _memory_choice(choice: dict | None) -> list[str]:
     return [f"  unroll memory {choice.get('mode')}{approximate}: {choice.get('why')}"]
 
 
+def _precision_choice(choice: dict | None) -> list[str]:
+    """The student network's precision in the unroll (``manifest["init"]["precision"]``): fp32, or bf16 autocast."""
+    return [f"  unroll precision {choice.get('mode')}: {choice.get('why')}"] if choice else []
+
+
 def _guard_choice(choice: dict | None) -> list[str]:
     """Whether the update guard stayed on (``manifest["init"]["guard"]``, from the start's probe of the loss)."""
     return [f"  update guard  {'lifted' if choice.get('lifted') else 'on'}: {choice.get('why')}"] if choice else []
@@ -541,6 +546,7 @@ def format_manifest(manifest: dict) -> str:
         + _label_quality(lab),
         *_label_choice((manifest.get("init") or {}).get("labels")),
         *_memory_choice((manifest.get("init") or {}).get("memory")),
+        *_precision_choice((manifest.get("init") or {}).get("precision")),
         *_guard_choice((manifest.get("init") or {}).get("guard")),
         f"  lr            {_fmt(manifest.get('lr'))}",
         f"  model         {_fmt(manifest.get('model'))}",

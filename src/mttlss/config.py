@@ -29,7 +29,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "eval_epoch_mode": ("decoded", "budget", "repaired"),
     "lr_schedule": ("constant", "cosine"),
     "memory": ("auto", "full", "checkpoint", "tesla"),
-    "precision": ("fp32", "bf16"),
+    "precision": ("auto", "fp32", "bf16"),
     "labels": ("auto", "soft", "hard"),
     "label_init": ("experts", "onehot"),
     "label_dtype": ("float32", "float16"),
@@ -126,7 +126,10 @@ class DistillConfig:
                                       # "auto": full when its measured graph size fits half the free memory, else checkpoint
                                       # "tesla": APPROXIMATE, TESLA's constant-memory gradient (drops the later steps'
                                       # Hessian terms); never chosen by auto; a resume cannot switch it on or off
-    precision: str = "fp32"           # "bf16": autocast the student network (only where bf16 is native: 22x slower on AMD EPYC)
+    precision: str = "auto"           # the student network's: "fp32" | "bf16" (autocast; theta, the learnables and the
+                                      # loss stay fp32) | "auto": bf16 on a CPU with native bf16 (amx_bf16 or
+                                      # avx512_bf16) where an inner step's forward is >= 0.5 GFLOP, else fp32 (bf16
+                                      # ran 20x slower without; not measured on GPUs); a resume keeps its start's
 
     # --- the loop -------------------------------------------------------------------------------------------------
     iterations: int = 5000            # outer iterations (MTT 5,000; DATM 10,000); 0: the initialisation itself

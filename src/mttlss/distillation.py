@@ -12,6 +12,7 @@ Every iteration's randomness (which expert, start epoch, minibatches, DSA) comes
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
+from torch.utils.flop_counter import FlopCounterMode
 
 from mttlss.artifact import save_artifact
 from mttlss.augment import DSAConfig
@@ -38,6 +40,7 @@ from mttlss.labels import (check_label_storage, compact_labels, experts_mean_log
                            raise_own_class)
 from mttlss.matching import (
     EXACT_MEMORY_MODES,
+    PRECISIONS,
     InnerSteps,
     batch_schedule,
     graph_bytes_per_step,
@@ -50,7 +53,7 @@ from mttlss.models import ParamLayout, build_model, has_buffers
 from mttlss.parameterization import SyntheticSet, build_synthetic_set
 from mttlss.preprocessing import Preprocessor
 from mttlss.records import open_sinks, require_extras
-from mttlss.runtime import allocator_status, available_memory_bytes, describe_allocator
+from mttlss.runtime import allocator_status, available_memory_bytes, describe_allocator, native_bf16_flag
 from mttlss.training import EvalRecipe, evaluate_synthetic, label_loss, soft_targets
 
 CHECKPOINT = "checkpoint.pt"
@@ -63,6 +66,13 @@ _RESUMABLE_CHANGES = {"iterations", "stop_after", "device", "tensorboard", "wand
 # knobs that only shape iteration 0 (the labels' start): a checkpoint written before they existed is past its start,
 # so their values are not compared with it; any other knob it lacks compares as its default (the older behaviour)
 _START_ONLY = {"labels", "label_init", "label_temperature", "label_confidence", "threshold_probe"}
+# precision=auto takes bf16 on a CPU with native bf16 only where one inner step's forward costs at least this many
+# GFLOP. Measured on a 2-core AMD EPYC with avx512_bf16 (Zen 4), bf16 against fp32 under the same allocator, full
+# mode (benchmarks/results/speed_cpu_precisions_2026-12-02.md and the README): ConvNet-3 width 128, batches of 100
+# (10 GFLOP a step): 1.4-1.5x; batches of 10 (1.0 GFLOP): 1.05-1.3x; width 32, batches of 32 or 50 (0.25-0.39
+# GFLOP, the CPU benchmark's): 0.95-1.06x; the digits quickstart (width 32 on 8x8): 0.86-1.0x. The outer gradient's
+# cosine with fp32's was above 0.9999998 on every width-128 cell.
+AUTO_BF16_MIN_GFLOP = 0.5
 
 
 class DistillError(UserError, RuntimeError):
@@ -112,6 +122,7 @@ class _Run:
     out: Path | None
     is_main: bool = True                # under torchrun only rank 0 writes (log, checkpoints, artifact)
     memory: str = "full"                # the resolved memory mode: "full" | "checkpoint" | "tesla" (approximate)
+    precision: str = "fp32"             # the resolved precision of the student network: "fp32" | "bf16"
     threshold: float | None = None      # the update guard's tau as settled at the start (``settle_guard``); None: cfg's
 
 
@@ -336,7 +347,7 @@ def memory_estimate(run: _Run, state: DistillState) -> dict[str, float]:
     steps = InnerSteps(model=run.model, layout=run.layout, decode=lambda idx: state.synthetic.decode(idx.to(run.device)),
                        label_loss=lambda logits, idx: logits.logsumexp(1).mean(),
                        batches=batch_schedule(n, min(cfg.batch_syn or n, n), 1, gen), dsa_config=run.dsa_config,
-                       generator=gen, precision=cfg.precision)
+                       generator=gen, precision=run.precision)
     start = run.experts.checkpoints(run.experts.indices[0], [0])[0].to(run.device)
     per_step = graph_bytes_per_step(steps, start)
     data = sum(t.numel() * t.element_size() for t in (run.data.x_train, run.data.x_val, run.data.x_test, run.x_val)
@@ -351,6 +362,50 @@ def unroll_bytes(graph_per_step: float, *, syn_steps: int, theta_bytes: int) -> 
     checkpoint = _ALLOCATOR_OVERHEAD * _CHECKPOINT_GRAPHS * graph_per_step + syn_steps * theta_bytes
     return {"full": _ALLOCATOR_OVERHEAD * syn_steps * graph_per_step, "checkpoint": checkpoint,
             "tesla": checkpoint}  # the same replay, less the Hessian-vector product: at most checkpoint's peak
+
+
+def choose_precision(run: _Run, state: DistillState, *, started: str | None = None) -> tuple[str, str, dict]:
+    """The student network's precision for this run, why, and what it was decided on: the configured one; for
+    "auto" the one a resumed run ``started`` in, else bf16 on a CPU with native bf16 (``runtime.NATIVE_BF16_FLAGS``)
+    where one inner step's forward costs at least ``AUTO_BF16_MIN_GFLOP``, and fp32 anywhere else."""
+    cfg = run.cfg
+    if cfg.precision != "auto":
+        return cfg.precision, f"precision={cfg.precision} was set", {}
+    if started is not None:
+        return started, f"precision=auto: {started}, as this run started", {}
+    if torch.device(run.device).type != "cpu":
+        return "fp32", (f"precision=auto chose fp32: bf16 has not been measured on {run.device} "
+                        f"(--set precision=bf16 to use it)"), {}
+    flag = native_bf16_flag()
+    if flag is None:
+        return "fp32", ("precision=auto chose fp32: this CPU has no native bf16 (no amx_bf16 or avx512_bf16 flag), "
+                        "where bf16 ran 20x slower"), {}
+    n = state.synthetic.num_images
+    batch = min(cfg.batch_syn or n, n)
+    gflop = _forward_gflop(run.model, (batch, run.data.channels, *run.data.image_size), device=run.device)
+    decided = {"native_bf16": flag, "step_forward_gflop": round(gflop, 4), "min_gflop": AUTO_BF16_MIN_GFLOP}
+    if gflop < AUTO_BF16_MIN_GFLOP:
+        return "fp32", (f"precision=auto chose fp32: this CPU has native bf16 ({flag}), but one inner step's forward "
+                        f"is {gflop:.2f} GFLOP (batch_syn {batch}), under the {AUTO_BF16_MIN_GFLOP} where bf16 starts "
+                        f"to pay; --set precision=bf16 to use it anyway"), decided
+    return "bf16", (f"precision=auto chose bf16: this CPU has native bf16 ({flag}) and one inner step's forward is "
+                    f"{gflop:.2f} GFLOP (batch_syn {batch}); --set precision=fp32 for fp32"), decided
+
+
+def _forward_gflop(model: nn.Module, shape: tuple[int, ...], *, device: str) -> float:
+    """GFLOP of one forward pass of ``model`` on a batch of ``shape`` [b, C, H, W] (torch's FLOP counter), on a copy:
+    a batch-norm network's running statistics stay as they were."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        copy.deepcopy(model)(torch.zeros(shape, device=device))
+    return counter.get_total_flops() / 1e9
+
+
+def _started_precision(ckpt: dict) -> str:
+    """The precision a checkpointed run computed in: as recorded, else its configured one (checkpoints from before
+    precision=auto ran what they configured, fp32 when they did not say)."""
+    recorded = json.loads(ckpt.get("init_info", "{}")).get("precision", {}).get("mode")
+    configured = ckpt["config"].get("precision", "fp32")
+    return recorded or (configured if configured in PRECISIONS else "fp32")
 
 
 def choose_memory(run: _Run, state: DistillState) -> tuple[str, str, dict]:
@@ -406,7 +461,8 @@ def learnables_of(state: DistillState) -> list[torch.Tensor]:
 
 
 def _unroll(cfg: DistillConfig, state: DistillState, *, model: nn.Module, layout: ParamLayout, start: torch.Tensor,
-            device: str, dsa_config: DSAConfig | None, generator: torch.Generator, memory: str) -> torch.Tensor:
+            device: str, dsa_config: DSAConfig | None, generator: torch.Generator, memory: str,
+            precision: str) -> torch.Tensor:
     """theta_N [P]: a student trained from ``start`` [P] for syn_steps steps on synthetic batches."""
     syn = state.synthetic
     n = syn.num_images
@@ -424,7 +480,7 @@ def _unroll(cfg: DistillConfig, state: DistillState, *, model: nn.Module, layout
 
     return unroll_student(model, layout, start, decode=decode, label_loss=batch_loss, syn_lr=state.syn_lr,
                           batches=batches, dsa_config=dsa_config, generator=generator, memory=memory,
-                          learnables=tuple(learnables_of(state)), precision=cfg.precision)
+                          learnables=tuple(learnables_of(state)), precision=precision)
 
 
 def _count_skip(cfg: DistillConfig, state: DistillState, record: dict[str, Any]) -> None:
@@ -460,7 +516,7 @@ def _update(cfg: DistillConfig, state: DistillState, *, loss: torch.Tensor, reco
 
 def segment_loss(cfg: DistillConfig, state: DistillState, *, iteration: int, model, layout: ParamLayout,
                  experts: ExpertSet, device: str, dsa_config: DSAConfig | None,
-                 memory: str = "full") -> tuple[torch.Tensor, dict[str, Any]]:
+                 memory: str = "full", precision: str = "fp32") -> tuple[torch.Tensor, dict[str, Any]]:
     """Iteration ``iteration``'s matching loss L (0-dim, differentiable into the learnables) and its record: the
     expert segment it samples and the student unrolled on the current set. Every draw comes from the iteration's
     own generator, so the same iteration on the same state gives the same L."""
@@ -472,20 +528,20 @@ def segment_loss(cfg: DistillConfig, state: DistillState, *, iteration: int, mod
     t = sample_start_epoch(upper, min_start_epoch=cfg.min_start_epoch, generator=gen)
     start, target = experts.checkpoints(k, [t, t + cfg.expert_epochs]).to(device)
     student = _unroll(cfg, state, model=model, layout=layout, start=start, device=device, dsa_config=dsa_config,
-                      generator=gen, memory=memory)
+                      generator=gen, memory=memory, precision=precision)
     loss = trajectory_loss(student, start, target)
     return loss, {"iteration": iteration, "expert": k, "start_epoch": t, "max_start_epoch": upper,
                   "loss": float(loss.detach()), "syn_lr": state.syn_lr.item(), "skipped": False}
 
 
 def outer_step(cfg: DistillConfig, state: DistillState, *, model, layout: ParamLayout, experts: ExpertSet,
-               device: str, dsa_config: DSAConfig | None, memory: str = "full",
+               device: str, dsa_config: DSAConfig | None, memory: str = "full", precision: str = "fp32",
                threshold: float | None = None) -> dict[str, Any]:
     """Sample an expert segment, unroll the student, and update the synthetic set, alpha and labels unless the
     loss exceeds ``threshold`` (the guard's tau; None: ``cfg.threshold``)."""
     i = state.iteration
     loss, record = segment_loss(cfg, state, iteration=i, model=model, layout=layout, experts=experts, device=device,
-                                dsa_config=dsa_config, memory=memory)
+                                dsa_config=dsa_config, memory=memory, precision=precision)
     if not math.isfinite(record["loss"]):
         raise DistillError(
             f"matching loss became {record['loss']} at iteration {i} (expert {record['expert']}, start epoch "
@@ -518,7 +574,8 @@ def settle_guard(run: _Run, state: DistillState) -> dict[str, Any]:
                 "why": f"updates whose loss exceeds threshold={cfg.threshold:g} are skipped (not probed: {knob})"}
     with torch.no_grad():  # checkpoint mode's forward keeps no graph: the probe costs a forward unroll per segment
         losses = [segment_loss(cfg, state, iteration=i, model=run.model, layout=run.layout, experts=run.experts,
-                               device=run.device, dsa_config=run.dsa_config, memory="checkpoint")[1]["loss"]
+                               device=run.device, dsa_config=run.dsa_config, memory="checkpoint",
+                               precision=run.precision)[1]["loss"]
                   for i in probe]
     shown = ", ".join(f"{v:.3g}" for v in losses)
     # a non-finite loss never lifts it (its iteration stops the run), and is recorded as None: JSON has no inf/nan
@@ -536,7 +593,8 @@ def _timed_step(run: _Run, state: DistillState) -> dict[str, Any]:
     """One outer iteration; advances ``state.iteration`` and returns the iteration's record."""
     t0 = time.time()
     record = outer_step(run.cfg, state, model=run.model, layout=run.layout, experts=run.experts, device=run.device,
-                        dsa_config=run.dsa_config, memory=run.memory, threshold=run.threshold)
+                        dsa_config=run.dsa_config, memory=run.memory, precision=run.precision,
+                        threshold=run.threshold)
     state.iteration += 1
     record["seconds"] = round(time.time() - t0, 4)
     return record
@@ -654,8 +712,12 @@ def _stored_config(ckpt: dict, cfg: DistillConfig) -> dict[str, Any]:
 
 def _check_resumable(out: Path, ckpt: dict, *, cfg: DistillConfig, experts: ExpertSet) -> None:
     stored = _stored_config(ckpt, cfg)
-    old = {k: v for k, v in stored.items() if k not in _RESUMABLE_CHANGES}
-    new = {k: v for k, v in cfg.to_dict().items() if k not in _RESUMABLE_CHANGES}
+    # precision is compared apart: "auto" resumes in whatever the run started in, on any machine
+    old = {k: v for k, v in stored.items() if k not in _RESUMABLE_CHANGES | {"precision"}}
+    new = {k: v for k, v in cfg.to_dict().items() if k not in _RESUMABLE_CHANGES | {"precision"}}
+    if cfg.precision not in ("auto", started := _started_precision(ckpt)):
+        raise DistillError(f"{out} holds a run distilled in precision={started}; a resume cannot change it: repeat "
+                           f"precision={started} (or precision=auto), or use another --out")
     if (old_mode := stored.get("memory")) != cfg.memory and "tesla" in (old_mode, cfg.memory):
         raise DistillError(f"{out} holds a run with memory={old_mode}; memory=tesla (approximate gradients) cannot be "
                            "switched on or off on resume: repeat the original memory setting, or use another --out")
@@ -693,7 +755,9 @@ def load_checkpoint(out: Path, *, cfg: DistillConfig, device: str, experts: Expe
         state.ema.load_state_dict(ckpt["ema"])
     for k, opt in state.optimizers.items():
         opt.load_state_dict(ckpt["optimizers"][k])
-    return state, json.loads(ckpt["init_info"])
+    info = json.loads(ckpt["init_info"])
+    info.setdefault("precision", {"mode": _started_precision(ckpt), "why": "as configured (written before precision=auto)"})
+    return state, info
 
 
 def _truncate_log(path: Path, iteration: int) -> list[dict]:
@@ -751,6 +815,10 @@ def distill(config: DistillConfig, *, experts: str | Path | ExpertSet, out: str 
     run, chosen = _setup(config, experts=experts, out=out, data=data)
     state, info, resumed = _start(run)
     info.update(chosen)
+    precision, precision_why, decided = choose_precision(
+        run, state, started=info.get("precision", {}).get("mode") if resumed else None)
+    info["precision"] = {"mode": precision, "why": precision_why, **decided} if not resumed else info["precision"]
+    run = replace(run, precision=precision)
     memory, why, estimate = choose_memory(run, state)
     info["memory"] = {"mode": memory, "exact": memory in EXACT_MEMORY_MODES, "why": why, "estimate": estimate}
     info["allocator"] = allocator_status()  # this process's (a resumed run may differ from its start)
@@ -764,6 +832,7 @@ def distill(config: DistillConfig, *, experts: str | Path | ExpertSet, out: str 
         if "batch_syn" in info:
             print(info["batch_syn"]["why"], file=sys.stderr)
         print(why, file=sys.stderr)
+        print(precision_why, file=sys.stderr)
         print(describe_allocator(info["allocator"]), file=sys.stderr)
         if "why" in guard:
             print(f"update guard {'lifted' if guard.get('lifted') else 'on'}"

@@ -256,3 +256,25 @@ def available_memory_bytes(device: str) -> int | None:
     except OSError:
         pass
     return None
+
+
+# x86 CPU flags (as /proc/cpuinfo and lscpu spell them) of native bf16 matrix instructions, best first: Intel's AMX
+# tiles, then AVX-512 BF16 (the bf16 dot products of Intel Cooper Lake and later, and of AMD Zen 4 and later).
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def native_bf16_flag(cpuinfo: str | None = None) -> str | None:
+    """The flag that makes bf16 matrix work native on this CPU (``NATIVE_BF16_FLAGS``), or None: none of them,
+    another architecture, or no /proc/cpuinfo. ``cpuinfo``: that file's text (tests)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            return None
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags") and ":" in line:   # every core lists the same flags: the first line will do
+            flags = set(line.split(":", 1)[1].split())
+            break
+    return next((flag for flag in NATIVE_BF16_FLAGS if flag in flags), None)
