@@ -68,10 +68,11 @@ _RESUMABLE_CHANGES = {"iterations", "stop_after", "device", "tensorboard", "wand
 _START_ONLY = {"labels", "label_init", "label_temperature", "label_confidence", "threshold_probe"}
 # precision=auto takes bf16 on a CPU with native bf16 only where one inner step's forward costs at least this many
 # GFLOP. Measured on a 2-core AMD EPYC with avx512_bf16 (Zen 4), bf16 against fp32 under the same allocator, full
-# mode (benchmarks/results/speed_cpu_precisions_2026-12-02.md and the README): ConvNet-3 width 128, batches of 100
-# (10 GFLOP a step): 1.4-1.5x; batches of 10 (1.0 GFLOP): 1.05-1.3x; width 32, batches of 32 or 50 (0.25-0.39
-# GFLOP, the CPU benchmark's): 0.95-1.06x; the digits quickstart (width 32 on 8x8): 0.86-1.0x. The outer gradient's
-# cosine with fp32's was above 0.9999998 on every width-128 cell.
+# mode, two runs of 2 alternated rounds (benchmarks/results/speed_cpu_precisions_{run1_,}2026-12-02.md, the README):
+# ConvNet-3 width 128, batches of 100 (10 GFLOP a step): 1.27-1.42x; batches of 10 (1.0 GFLOP): 1.15-1.29x; the
+# CIFAR CPU benchmark's width 32, batches of 32 (0.25 GFLOP): 0.95x, of 50 (0.38 GFLOP): 1.10x, too little for
+# an inexact gradient; the digits quickstart (width 32 on 8x8): 0.86-1.0x a distillation iteration. Per learnable,
+# the outer gradient's cosine with fp32's was 0.992-0.999 on those cells.
 AUTO_BF16_MIN_GFLOP = 0.5
 
 
@@ -386,10 +387,10 @@ def choose_precision(run: _Run, state: DistillState, *, started: str | None = No
     decided = {"native_bf16": flag, "step_forward_gflop": round(gflop, 4), "min_gflop": AUTO_BF16_MIN_GFLOP}
     if gflop < AUTO_BF16_MIN_GFLOP:
         return "fp32", (f"precision=auto chose fp32: this CPU has native bf16 ({flag}), but one inner step's forward "
-                        f"is {gflop:.2f} GFLOP (batch_syn {batch}), under the {AUTO_BF16_MIN_GFLOP} where bf16 starts "
+                        f"is {gflop:.3g} GFLOP (batch_syn {batch}), under the {AUTO_BF16_MIN_GFLOP} GFLOP where bf16 starts "
                         f"to pay; --set precision=bf16 to use it anyway"), decided
     return "bf16", (f"precision=auto chose bf16: this CPU has native bf16 ({flag}) and one inner step's forward is "
-                    f"{gflop:.2f} GFLOP (batch_syn {batch}); --set precision=fp32 for fp32"), decided
+                    f"{gflop:.3g} GFLOP (batch_syn {batch}); --set precision=fp32 for fp32"), decided
 
 
 def _forward_gflop(model: nn.Module, shape: tuple[int, ...], *, device: str) -> float:
