@@ -82,7 +82,9 @@ SCALES = {
         #   fixed, it rose steadily. Short unrolls (10 steps) need a larger alpha than the field's 0.01.
         # - validation runs the same 300-budget-epoch recipe as the final test (a 100-epoch one ranked sets
         #   differently), so the selected iterate is the one the test recipe favours.
-        "matching": {"syn_steps": 10, "expert_epochs": 2, "min_start_epoch": 0, "lr_teacher": 0.03, "lr_lr": 0.0,
+        # - precision fp32: the records were made in fp32, and precision=auto would take bf16 for the IPC 10 pixel
+        #   row (width 32, 100 images: 0.77 GFLOP a step) on a CPU with native bf16, so rows would differ by machine
+        "matching": {"precision": "fp32", "syn_steps": 10, "expert_epochs": 2, "min_start_epoch": 0, "lr_teacher": 0.03, "lr_lr": 0.0,
                      "lr_y": 10.0, "threshold": 1.0, "eval_every": 50, "eval_epochs": 300, "eval_batch_size": 128,
                      "eval_runs": 1, "eval_epoch_mode": "budget", "grid_every": 0, "checkpoint_every": 25},
         "ipc": {

@@ -129,12 +129,10 @@ def run_variant(args) -> dict:
         # per learnable (alpha's scalar gradient would dominate one cosine over all of them), in float64: at
         # float32's resolution a cosine this close to 1 rounds to exactly 1
         names = [n for n, _ in syn.named_parameters()] + (["label_logits"] if labels is not None else []) + ["syn_lr"]
-        out["grad_cosines"] = {
-            name: float(F.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0)) if a.numel() > 1
-            else float(torch.sign(a) * torch.sign(b))  # a scalar: only its sign can agree or not
-            for name, a, b in zip(names, g32, g_lp)}
-        out["grad_rel_errors"] = {name: float((b.double() - a.double()).norm() / a.double().norm())
-                                  for name, a, b in zip(names, g32, g_lp)}
+        pairs = [(name, a.double().flatten(), b.double().flatten()) for name, a, b in zip(names, g32, g_lp)]
+        out["grad_cosines"] = {name: float(F.cosine_similarity(a, b, dim=0)) for name, a, b in pairs if a.numel() > 1}
+        out["grad_signs_agree"] = {name: bool(torch.sign(a) == torch.sign(b)) for name, a, b in pairs if a.numel() == 1}
+        out["grad_rel_errors"] = {name: float((b - a).norm() / a.norm()) if a.norm() > 0 else None for name, a, b in pairs}
         out["grad_cosine"] = min(out["grad_cosines"].values())
         out["loss_rel_diff"] = abs(loss_lp - loss32) / abs(loss32)
         return out
@@ -412,7 +410,7 @@ def summarise(rows: dict[str, dict], info: dict) -> str:
     for row in rows.values():
         if row["kind"] == "speed" and all(row[k] == v for k, v in BASELINE.items()):
             base[_cell_of(row)] = _median(row)
-    lines = [f"CPU: {info['cpu']} (amx_bf16={info['amx_bf16']}, avx512_bf16={info['avx512_bf16']}), torch {info['torch']}, {info['torch_threads']} threads, "
+    lines = [f"CPU: {info['cpu']} (amx_bf16={info['amx_bf16']}, avx512_bf16={info.get('avx512_bf16')}), torch {info['torch']}, {info['torch_threads']} threads, "
              f"{info['date']}; matmul {info['matmul_gflops_fp32']:.0f} GFLOP/s fp32, {info['matmul_gflops_bf16']:.0f} bf16",
              "", "| kind | IPC | classes | width | param | syn_steps | batch_syn | memory | precision | allocator | ranks "
              "| s/iter (median) | x baseline | GFLOP/s | peak RSS GiB | note |", "|" + "---|" * 16]
@@ -426,7 +424,10 @@ def summarise(rows: dict[str, dict], info: dict) -> str:
         if row["kind"] == "fidelity" and runs:
             per = runs[0].get("grad_cosines", {})
             errors = runs[0].get("grad_rel_errors", {})
-            shown = ", ".join(f"{name} {cos:.5f} (rel err {errors.get(name, float('nan')):.1e})" for name, cos in per.items())
+            signs = runs[0].get("grad_signs_agree", {})
+            shown = ", ".join([f"{name} {cos:.5f} (rel err {_fmt_error(errors.get(name))})" for name, cos in per.items()]
+                              + [f"{name}: sign {'agrees' if same else 'DIFFERS'} (rel err {_fmt_error(errors.get(name))})"
+                                 for name, same in signs.items()])
             note = (f"against exact fp32: grad cosine, least over the learnables {runs[0]['grad_cosine']:.5f}"
                     f"{' (' + shown + ')' if shown else ''}; loss rel diff {runs[0]['loss_rel_diff']:.2e}")
         if row["memory"] == "tesla":
@@ -440,6 +441,10 @@ def summarise(rows: dict[str, dict], info: dict) -> str:
             f"{b / med:.2f}" if med and b else "-", f"{gflop / med:.1f}" if med and gflop else "-",
             f"{rss:.2f}" if rss else "-", note]) + " |")
     return "\n".join(lines)
+
+
+def _fmt_error(error: float | None) -> str:
+    return "-" if error is None else f"{error:.1e}"
 
 
 def _cell_of(row: dict) -> tuple:

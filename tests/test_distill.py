@@ -252,7 +252,23 @@ def test_precision_auto_is_bf16_only_on_a_cpu_with_native_bf16_and_a_large_enoug
         "mode": "fp32", "why": "precision=fp32 was set"}
 
 
-def test_precision_auto_resumes_in_the_precision_the_run_started_in(experts, tmp_path, monkeypatch):
+def _spy_precisions(monkeypatch) -> list[str]:
+    """The precision of every unroll that distill runs from now on."""
+    import mttlss.distillation as distillation
+
+    seen, real = [], distillation.unroll_student
+
+    def spy(*args, precision, **kwargs):
+        seen.append(precision)
+        return real(*args, precision=precision, **kwargs)
+
+    monkeypatch.setattr(distillation, "unroll_student", spy)
+    return seen
+
+
+def test_precision_auto_resumes_in_the_precision_the_run_started_in(experts, tmp_path, monkeypatch, capsys):
+    from mttlss.artifact import format_manifest, read_manifest
+
     out = tmp_path / "run"
     monkeypatch.setattr("mttlss.distillation.native_bf16_flag", lambda: "amx_bf16")
     monkeypatch.setattr("mttlss.distillation.AUTO_BF16_MIN_GFLOP", 0.0)
@@ -261,11 +277,35 @@ def test_precision_auto_resumes_in_the_precision_the_run_started_in(experts, tmp
     monkeypatch.setattr("mttlss.distillation.native_bf16_flag", lambda: None)  # resumed on a machine without it
     with pytest.raises(DistillError, match="precision=bf16"):
         distill(tiny(iterations=4, select_on="none", precision="fp32"), experts=experts, out=out, progress=False)
-    r = distill(tiny(iterations=4, select_on="none"), experts=experts, out=out, progress=False)
+    seen = _spy_precisions(monkeypatch)
+    r = distill(tiny(iterations=4, select_on="none"), experts=experts, out=out, progress=True)
+    assert seen == ["bf16", "bf16"]  # the two iterations left ran in the start's precision
+    assert "precision=auto: bf16, as this run started (this CPU has no native bf16" in capsys.readouterr().err
     assert r.init_info["precision"]["mode"] == "bf16" and len(r.history) == 4
-    from mttlss.artifact import format_manifest, read_manifest
-
     assert "unroll precision bf16: precision=auto chose bf16" in format_manifest(read_manifest(r.artifact))
+
+
+@pytest.mark.parametrize("configured, resumed", [("bf16", "bf16"), ("fp32", "fp32"), (None, "fp32")])
+def test_a_checkpoint_from_before_precision_auto_resumes_in_what_it_configured(experts, tmp_path, monkeypatch,
+                                                                               configured, resumed):
+    out = tmp_path / "run"
+    distill(tiny(iterations=4, stop_after=2, select_on="none", precision=configured or "fp32"), experts=experts,
+            out=out, progress=False)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    if configured is None:  # older still: no precision knob at all
+        del ckpt["config"]["precision"]
+    info = json.loads(ckpt["init_info"])
+    del info["precision"]  # what mttlss wrote before precision=auto
+    ckpt["init_info"] = json.dumps(info)
+    torch.save(ckpt, out / "checkpoint.pt")
+    monkeypatch.setattr("mttlss.distillation.native_bf16_flag", lambda: "avx512_bf16")  # auto would pick bf16 now
+    monkeypatch.setattr("mttlss.distillation.AUTO_BF16_MIN_GFLOP", 0.0)
+    seen = _spy_precisions(monkeypatch)
+    r = distill(tiny(iterations=4, select_on="none"), experts=experts, out=out, progress=False)
+    assert seen == [resumed, resumed] and r.init_info["precision"]["mode"] == resumed
+    other = "fp32" if resumed == "bf16" else "bf16"
+    with pytest.raises(DistillError, match=f"precision={resumed}"):
+        distill(tiny(iterations=6, select_on="none", precision=other), experts=experts, out=out, progress=False)
 
 
 def test_tesla_memory_mode_is_labelled_approximate_and_cannot_be_switched_on_resume(experts, tmp_path):

@@ -129,7 +129,8 @@ class DistillConfig:
     precision: str = "auto"           # the student network's: "fp32" | "bf16" (autocast; theta, the learnables and the
                                       # loss stay fp32) | "auto": bf16 on a CPU with native bf16 (amx_bf16 or
                                       # avx512_bf16) where an inner step's forward is >= 0.5 GFLOP, else fp32 (bf16
-                                      # ran 20x slower without; not measured on GPUs); a resume keeps its start's
+                                      # ran 16x slower without; not measured on GPUs); a resume keeps the
+                                      # precision the run started in
 
     # --- the loop -------------------------------------------------------------------------------------------------
     iterations: int = 5000            # outer iterations (MTT 5,000; DATM 10,000); 0: the initialisation itself

@@ -372,18 +372,22 @@ def choose_precision(run: _Run, state: DistillState, *, started: str | None = No
     cfg = run.cfg
     if cfg.precision != "auto":
         return cfg.precision, f"precision={cfg.precision} was set", {}
+    on_cpu = torch.device(run.device).type == "cpu"
+    # oneDNN runs bf16 natively; a torch build without it emulates bf16 even on such a CPU
+    flag = native_bf16_flag() if on_cpu and torch.backends.mkldnn.is_available() else None
     if started is not None:
-        return started, f"precision=auto: {started}, as this run started", {}
-    if torch.device(run.device).type != "cpu":
+        slow = (" (this CPU has no native bf16: expect it many times slower than fp32; use another --out to start "
+                "over in fp32)" if started == "bf16" and on_cpu and flag is None else "")
+        return started, f"precision=auto: {started}, as this run started{slow}", {}
+    if not on_cpu:
         return "fp32", (f"precision=auto chose fp32: bf16 has not been measured on {run.device} "
                         f"(--set precision=bf16 to use it)"), {}
-    flag = native_bf16_flag()
     if flag is None:
-        return "fp32", ("precision=auto chose fp32: this CPU has no native bf16 (no amx_bf16 or avx512_bf16 flag), "
-                        "where bf16 ran 20x slower"), {}
+        return "fp32", ("precision=auto chose fp32: this CPU has no native bf16 (no amx_bf16 or avx512_bf16 flag, or "
+                        "a torch build without oneDNN), where bf16 ran 16x slower"), {}
     n = state.synthetic.num_images
-    batch = min(cfg.batch_syn or n, n)
-    gflop = _forward_gflop(run.model, (batch, run.data.channels, *run.data.image_size), device=run.device)
+    batch = -(-min(cfg.batch_syn or n, n) // world()[1])  # this process's share of a step's batch (torchrun ranks)
+    gflop = _forward_gflop(run.model, (batch, run.data.channels, *run.data.image_size))
     decided = {"native_bf16": flag, "step_forward_gflop": round(gflop, 4), "min_gflop": AUTO_BF16_MIN_GFLOP}
     if gflop < AUTO_BF16_MIN_GFLOP:
         return "fp32", (f"precision=auto chose fp32: this CPU has native bf16 ({flag}), but one inner step's forward "
@@ -393,11 +397,11 @@ def choose_precision(run: _Run, state: DistillState, *, started: str | None = No
                     f"{gflop:.3g} GFLOP (batch_syn {batch}); --set precision=fp32 for fp32"), decided
 
 
-def _forward_gflop(model: nn.Module, shape: tuple[int, ...], *, device: str) -> float:
-    """GFLOP of one forward pass of ``model`` on a batch of ``shape`` [b, C, H, W] (torch's FLOP counter), on a copy:
-    a batch-norm network's running statistics stay as they were."""
+def _forward_gflop(model: nn.Module, shape: tuple[int, ...]) -> float:
+    """GFLOP of one forward pass of ``model`` on a batch of ``shape`` [b, C, H, W] (torch's FLOP counter), counted
+    on a copy on the meta device: no arithmetic, no memory, and the model itself is left as it was."""
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        copy.deepcopy(model)(torch.zeros(shape, device=device))
+        copy.deepcopy(model).to("meta")(torch.zeros(shape, device="meta"))
     return counter.get_total_flops() / 1e9
 
 
@@ -517,10 +521,12 @@ def _update(cfg: DistillConfig, state: DistillState, *, loss: torch.Tensor, reco
 
 def segment_loss(cfg: DistillConfig, state: DistillState, *, iteration: int, model, layout: ParamLayout,
                  experts: ExpertSet, device: str, dsa_config: DSAConfig | None,
-                 memory: str = "full", precision: str = "fp32") -> tuple[torch.Tensor, dict[str, Any]]:
+                 memory: str = "full", precision: str | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """Iteration ``iteration``'s matching loss L (0-dim, differentiable into the learnables) and its record: the
     expert segment it samples and the student unrolled on the current set. Every draw comes from the iteration's
-    own generator, so the same iteration on the same state gives the same L."""
+    own generator, so the same iteration on the same state gives the same L. ``precision``: the resolved one
+    (``choose_precision``); None: ``cfg.precision``, with "auto" read as fp32."""
+    precision = precision or (cfg.precision if cfg.precision != "auto" else "fp32")
     gen = iteration_generator(cfg.seed, iteration)
     k = expert_for_iteration(experts.indices, cfg.seed, iteration)
     upper = start_epoch_upper(iteration, min_start_epoch=cfg.min_start_epoch,
@@ -536,7 +542,7 @@ def segment_loss(cfg: DistillConfig, state: DistillState, *, iteration: int, mod
 
 
 def outer_step(cfg: DistillConfig, state: DistillState, *, model, layout: ParamLayout, experts: ExpertSet,
-               device: str, dsa_config: DSAConfig | None, memory: str = "full", precision: str = "fp32",
+               device: str, dsa_config: DSAConfig | None, memory: str = "full", precision: str | None = None,
                threshold: float | None = None) -> dict[str, Any]:
     """Sample an expert segment, unroll the student, and update the synthetic set, alpha and labels unless the
     loss exceeds ``threshold`` (the guard's tau; None: ``cfg.threshold``)."""
