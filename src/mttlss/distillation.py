@@ -385,16 +385,16 @@ def choose_precision(run: _Run, state: DistillState, *, started: str | None = No
     if flag is None:
         return "fp32", ("precision=auto chose fp32: this CPU has no native bf16 (no amx_bf16 or avx512_bf16 flag, or "
                         "a torch build without oneDNN), where bf16 ran 16x slower"), {}
-    n = state.synthetic.num_images
-    batch = -(-min(cfg.batch_syn or n, n) // world()[1])  # this process's share of a step's batch (torchrun ranks)
+    n, ranks = state.synthetic.num_images, world()[1]
+    batch = -(-min(cfg.batch_syn or n, n) // ranks)  # this process's share of a step's batch (torchrun ranks)
     gflop = _forward_gflop(run.model, (batch, run.data.channels, *run.data.image_size))
     decided = {"native_bf16": flag, "step_forward_gflop": round(gflop, 4), "min_gflop": AUTO_BF16_MIN_GFLOP}
+    step = f"one inner step's forward is {gflop:.3g} GFLOP ({batch} images{' per rank' if ranks > 1 else ''})"
     if gflop < AUTO_BF16_MIN_GFLOP:
-        return "fp32", (f"precision=auto chose fp32: this CPU has native bf16 ({flag}), but one inner step's forward "
-                        f"is {gflop:.3g} GFLOP (batch_syn {batch}), under the {AUTO_BF16_MIN_GFLOP} GFLOP where bf16 starts "
-                        f"to pay; --set precision=bf16 to use it anyway"), decided
-    return "bf16", (f"precision=auto chose bf16: this CPU has native bf16 ({flag}) and one inner step's forward is "
-                    f"{gflop:.3g} GFLOP (batch_syn {batch}); --set precision=fp32 for fp32"), decided
+        return "fp32", (f"precision=auto chose fp32: this CPU has native bf16 ({flag}), but {step}, under the "
+                        f"{AUTO_BF16_MIN_GFLOP} GFLOP where bf16 starts to pay; --set precision=bf16 to use it anyway"), decided
+    return "bf16", (f"precision=auto chose bf16: this CPU has native bf16 ({flag}) and {step}; "
+                    f"--set precision=fp32 for fp32"), decided
 
 
 def _forward_gflop(model: nn.Module, shape: tuple[int, ...]) -> float:
