@@ -405,12 +405,11 @@ def _forward_gflop(model: nn.Module, shape: tuple[int, ...]) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def _started_precision(ckpt: dict) -> str:
-    """The precision a checkpointed run computed in: as recorded, else its configured one (checkpoints from before
-    precision=auto ran what they configured, fp32 when they did not say)."""
-    recorded = json.loads(ckpt.get("init_info", "{}")).get("precision", {}).get("mode")
+def _started_precision(ckpt: dict, info: dict) -> str:
+    """The precision a checkpointed run computed in: as its ``info`` (the checkpoint's init_info) records, else its
+    configured one (checkpoints from before precision=auto ran what they configured, fp32 when they did not say)."""
     configured = ckpt["config"].get("precision", "fp32")
-    return recorded or (configured if configured in PRECISIONS else "fp32")
+    return info.get("precision", {}).get("mode") or (configured if configured in PRECISIONS else "fp32")
 
 
 def choose_memory(run: _Run, state: DistillState) -> tuple[str, str, dict]:
@@ -717,12 +716,14 @@ def _stored_config(ckpt: dict, cfg: DistillConfig) -> dict[str, Any]:
     return {**DistillConfig().to_dict(), **later, **stored}
 
 
-def _check_resumable(out: Path, ckpt: dict, *, cfg: DistillConfig, experts: ExpertSet) -> None:
+def _check_resumable(out: Path, ckpt: dict, *, cfg: DistillConfig, experts: ExpertSet, started: str) -> None:
+    """Refuse (DistillError) a resume whose settings or experts differ from the checkpoint's; ``started``: the
+    precision the run computed in (``_started_precision``)."""
     stored = _stored_config(ckpt, cfg)
     # precision is compared apart: "auto" resumes in whatever the run started in, on any machine
     old = {k: v for k, v in stored.items() if k not in _RESUMABLE_CHANGES | {"precision"}}
     new = {k: v for k, v in cfg.to_dict().items() if k not in _RESUMABLE_CHANGES | {"precision"}}
-    if cfg.precision not in ("auto", started := _started_precision(ckpt)):
+    if cfg.precision not in ("auto", started):
         raise DistillError(f"{out} holds a run distilled in precision={started}; a resume cannot change it: repeat "
                            f"precision={started} (or precision=auto), or use another --out")
     if (old_mode := stored.get("memory")) != cfg.memory and "tesla" in (old_mode, cfg.memory):
@@ -747,7 +748,9 @@ def load_checkpoint(out: Path, *, cfg: DistillConfig, device: str, experts: Expe
         # the exception's own text is left out: torch's advice there (weights_only=False) would run the file's code
         raise DistillError(f"{path} is damaged or not a checkpoint ({type(exc).__name__}); delete it "
                            f"to start the run in {out} over, or use another --out") from exc
-    _check_resumable(out, ckpt, cfg=cfg, experts=experts)
+    info = json.loads(ckpt["init_info"])
+    started = _started_precision(ckpt, info)
+    _check_resumable(out, ckpt, cfg=cfg, experts=experts, started=started)
     syn = build_synthetic_set(json.loads(ckpt["description"]))
     syn.load_state_dict(ckpt["state"]["synthetic"])
     syn = syn.to(device)
@@ -762,8 +765,7 @@ def load_checkpoint(out: Path, *, cfg: DistillConfig, device: str, experts: Expe
         state.ema.load_state_dict(ckpt["ema"])
     for k, opt in state.optimizers.items():
         opt.load_state_dict(ckpt["optimizers"][k])
-    info = json.loads(ckpt["init_info"])
-    info.setdefault("precision", {"mode": _started_precision(ckpt), "why": "as configured (written before precision=auto)"})
+    info.setdefault("precision", {"mode": started, "why": "as configured (written before precision=auto)"})
     return state, info
 
 
