@@ -6,6 +6,7 @@
     python benchmarks/speed.py --tesla          # only memory=tesla against full and checkpoint, pixel cells (~15 min)
     python benchmarks/speed.py --allocators     # only the allocators (tcmalloc, jemalloc where installed), pixel cells
     python benchmarks/speed.py --precisions     # only fp32 against bf16, every speed cell, with the command's allocator
+    python benchmarks/speed.py --forms          # bf16 as autocast or as BF16Products x avg_pool2d or AvgPool2x2 (~30 min)
     python benchmarks/speed.py --tesla --fidelity-only   # only the fidelity rows (here tesla's), no timing
 
 One outer iteration = decode, DSA and the unroll of ``syn_steps`` student steps (ConvNet-3 width 128 on CIFAR
@@ -16,7 +17,8 @@ Each variant runs in its own child process (``--worker``): peak RSS belongs to a
 allocator setting is per process. The children run one at a time, variants alternated round by round, so
 machine drift hits all alike; seconds per iteration are medians over rounds, after one untimed warm-up
 iteration whose FLOPs are counted (``torch.utils.flop_counter``). Ratios are against the baseline that the
-reference code runs at: full memory, fp32, eager, the system allocator. ``memory=tesla`` rows (TESLA's
+reference code runs at: full memory, fp32, eager, the system allocator, and the reference network's avg_pool2d
+(every other row uses the library's AvgPool2x2 unless its ``pool`` says otherwise). ``memory=tesla`` rows (TESLA's
 constant-memory gradient, approximate) are measured beside the exact modes and marked so. A fidelity row per
 cell (tesla's, or bf16's with ``--precisions``) compares the outer gradient with exact fp32's learnable by
 learnable (cosine and relative error of the images or factors, the label logits, alpha), since alpha's single
@@ -26,6 +28,7 @@ gradient would dominate one cosine over all of them together.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -42,8 +45,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mttlss.augment import DSAConfig
 from mttlss.distributed import reduce_partial_grads
-from mttlss.matching import batch_schedule, trajectory_loss, unroll_student
-from mttlss.models import ParamLayout, build_model, flatten_params, model_spec
+from mttlss.matching import InnerSteps, batch_schedule, trajectory_loss, unroll_student
+from mttlss.models import AvgPool2x2, ParamLayout, build_model, flatten_params, model_spec
 from mttlss.parameterization import LowRankSet, PixelSet, solve_budget
 from mttlss.runtime import ENV as ALLOCATOR_ENV, PRELOADED_ENV, allocator_plan, find_allocator_library, library_mapped, \
     tune_allocator
@@ -52,7 +55,8 @@ from mttlss.training import soft_label_loss
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
-BASELINE = dict(memory="full", precision="fp32", allocator="system")
+# pool="avg_pool2d": the network as the reference code builds it (nn.AvgPool2d), not the library's AvgPool2x2
+BASELINE = dict(memory="full", precision="fp32", allocator="system", pool="avg_pool2d")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -85,6 +89,26 @@ def _problem(*, ipc: int, classes: int, param: str, device: str, width: int = 12
     return model, layout, syn, labels, start, target
 
 
+def _autocast_loss(self, theta, n, *, graph_to_images=True):
+    """InnerSteps.loss with precision="bf16" as torch.autocast (every op's output in bf16 where autocast says so),
+    the form the library used before BF16Products: kept here to measure one against the other."""
+    fp32 = dataclasses.replace(self, precision="fp32")
+    with torch.autocast(theta.device.type, dtype=torch.bfloat16):
+        return _LIBRARY_LOSS(fp32, theta, n, graph_to_images=graph_to_images)
+
+
+_LIBRARY_LOSS = InnerSteps.loss
+
+
+def with_reference_pools(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every AvgPool2x2 replaced by a plain nn.AvgPool2d(2, 2) (avg_pool2d, as the reference builds it)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, AvgPool2x2):
+                setattr(module, name, torch.nn.AvgPool2d(2, 2))
+    return model
+
+
 def run_variant(args) -> dict:
     if args.allocator == "tuned":
         tune_allocator(force=True)
@@ -95,6 +119,10 @@ def run_variant(args) -> dict:
         torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     model, layout, syn, labels, start, target = _problem(ipc=args.ipc, classes=args.classes, param=args.param,
                                                          device=args.device, width=args.width)
+    if args.pool == "avg_pool2d":
+        model = with_reference_pools(model)
+    if args.bf16_form == "autocast":
+        InnerSteps.loss = _autocast_loss
     hard = syn.labels_hard().to(args.device)
     syn_lr = torch.tensor(0.01, device=args.device, requires_grad=True)
     learnables = (*syn.parameters(), *([labels] if labels is not None else []))
@@ -279,6 +307,36 @@ def precision_variants(cell: dict) -> list[dict]:
                         for m in ("full", "checkpoint")]]
 
 
+def form_variants(cell: dict) -> list[dict]:
+    """--forms: the baseline, full fp32, then bf16 (full mode, the command's allocator) in each of its two forms
+    (torch.autocast, or BF16Products: only the convolutions and linear layers in bf16) with each pooling
+    (avg_pool2d, or the library's AvgPool2x2): the two changes measured apart and together."""
+    allocator = command_allocator()
+    return [BASELINE, dict(memory="full", precision="fp32", allocator=allocator),
+            *[dict(memory="full", precision="bf16", allocator=allocator, bf16_form=form, pool=pool)
+              for pool in ("avg_pool2d", "2x2") for form in ("autocast", "products")]]
+
+
+def pool_microbench(rounds: int = 5, repeats: int = 5) -> list[dict]:
+    """Forward + backward of one 2x2 average pool at expert-training shapes (fp32, no double backward), avg_pool2d
+    against AvgPool2x2 alternated in this process: what the pooling change does outside the unroll."""
+    rows = []
+    for shape in ((256, 128, 32, 32), (256, 128, 16, 16), (256, 128, 8, 8)):
+        x0 = torch.randn(shape)
+        times: dict[str, list[float]] = {"avg_pool2d": [], "2x2": []}
+        for _ in range(rounds):
+            for name, pool in (("avg_pool2d", torch.nn.AvgPool2d(2, 2)), ("2x2", AvgPool2x2())):
+                x = x0.clone().requires_grad_(True)
+                t0 = time.perf_counter()
+                for _ in range(repeats):
+                    pool(x).sum().backward()
+                times[name].append((time.perf_counter() - t0) / repeats)
+        rows.append({"shape": list(shape), **{f"ms_{k}": 1e3 * statistics.median(v) for k, v in times.items()}})
+        print(f"  pool {shape}: avg_pool2d {rows[-1]['ms_avg_pool2d']:.2f} ms, AvgPool2x2 {rows[-1]['ms_2x2']:.2f} ms",
+              flush=True)
+    return rows
+
+
 def variants_for(cell: dict, paper: bool) -> list[dict]:
     """All variants on the pixel cells; the low-rank cells (slower decode, same network) get the baseline and the
     fast modes; two ranks of one thread against one process of two threads where the batch is large."""
@@ -309,6 +367,9 @@ def main() -> None:
     ap.add_argument("--precisions", action="store_true",
                     help="only fp32 against bf16 in each exact memory mode, every speed cell, the command's allocator; "
                          "a fidelity row (outer-gradient cosine against exact fp32) per cell")
+    ap.add_argument("--forms", action="store_true",
+                    help="only bf16's two forms (autocast, BF16Products) x the two poolings (avg_pool2d, AvgPool2x2) in full "
+                         "mode beside the baseline and full fp32, every speed cell; a fidelity row per cell for the library's bf16")
     ap.add_argument("--fidelity-only", action="store_true",
                     help="only the fidelity rows (bf16's with --precisions, else tesla's): no timing")
     ap.add_argument("--out", default=None)
@@ -318,6 +379,8 @@ def main() -> None:
                        ("memory", str), ("precision", str), ("allocator", str)):
         ap.add_argument(f"--{name}", type=kind, help=argparse.SUPPRESS)
     ap.add_argument("--width", type=int, default=128, help=argparse.SUPPRESS)
+    ap.add_argument("--pool", choices=("2x2", "avg_pool2d"), default="2x2", help=argparse.SUPPRESS)
+    ap.add_argument("--bf16-form", choices=("products", "autocast"), default="products", help=argparse.SUPPRESS)
     ap.add_argument("--fidelity", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -343,6 +406,9 @@ def main() -> None:
     if args.precisions:  # bf16 on every cell, not only on the cheap one, and on the CPU benchmark's narrow network
         memory_series, args.skip_bf16 = [], True
         speed_cells += [] if args.quick or args.paper else BENCHMARK_CELLS
+    if args.forms:
+        memory_series, args.skip_bf16 = [], True
+        info["pool_microbench"] = pool_microbench()
     rounds = 0 if args.memory_only or args.fidelity_only else 1 if args.quick else args.rounds
     if args.fidelity_only:
         memory_series, args.skip_bf16 = [], True
@@ -363,7 +429,8 @@ def main() -> None:
         print(f"# round {r + 1}/{rounds}", flush=True)
         for cell in speed_cells:
             chosen = TESLA_COMPARISON if args.tesla else allocator_variants(cell) if args.allocators else \
-                precision_variants(cell) if args.precisions else variants_for(cell, args.paper)
+                precision_variants(cell) if args.precisions else form_variants(cell) if args.forms else \
+                variants_for(cell, args.paper)
             for variant in chosen:
                 record("speed", cell, variant, run_child(cell, variant, iters=args.iters, device=args.device))
     # memory: one iteration per point; full mode only where a linear fit of its shorter unrolls fits the machine
@@ -384,9 +451,9 @@ def main() -> None:
         cell = dict(ipc=1, classes=10, param="pixel", steps=5 if args.quick else 50, batch_syn=10)
         record("bf16", cell, BF16, run_child(cell, BF16, iters=args.iters, device=args.device))
         record("fidelity", cell, BF16, run_child(cell, BF16, iters=0, device=args.device, fidelity=True))
-    if args.precisions:  # how far bf16's gradient is from the exact fp32 one, per speed cell, in both memory modes
+    if args.precisions or args.forms:  # how far bf16's gradient is from the exact fp32 one, per speed cell
         for cell in speed_cells:
-            for variant in precision_variants(cell)[3:]:
+            for variant in precision_variants(cell)[3:] if args.precisions else form_variants(cell)[-1:]:
                 record("fidelity", cell, variant, run_child(cell, variant, iters=0, device=args.device, fidelity=True))
     elif not args.memory_only and not args.allocators:  # how far TESLA's gradient is from the exact one, per cell
         for cell in speed_cells:
@@ -395,7 +462,7 @@ def main() -> None:
     table = summarise(rows, info)
     stamp = info["date"]
     kind = "quick_" if args.quick else "memory_" if args.memory_only else "tesla_" if args.tesla else \
-        "allocators_" if args.allocators else "precisions_" if args.precisions else ""
+        "allocators_" if args.allocators else "precisions_" if args.precisions else "forms_" if args.forms else ""
     kind += "fidelity_" if args.fidelity_only else ""
     out = Path(args.out) if args.out else RESULTS / f"speed_{args.device.split(':')[0]}_{kind}{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -408,12 +475,12 @@ def main() -> None:
 def summarise(rows: dict[str, dict], info: dict) -> str:
     base = {}
     for row in rows.values():
-        if row["kind"] == "speed" and all(row[k] == v for k, v in BASELINE.items()):
+        if row["kind"] == "speed" and all(row.get(k) == v for k, v in BASELINE.items()):
             base[_cell_of(row)] = _median(row)
     lines = [f"CPU: {info['cpu']} (amx_bf16={info['amx_bf16']}, avx512_bf16={info.get('avx512_bf16')}), torch {info['torch']}, {info['torch_threads']} threads, "
              f"{info['date']}; matmul {info['matmul_gflops_fp32']:.0f} GFLOP/s fp32, {info['matmul_gflops_bf16']:.0f} bf16",
              "", "| kind | IPC | classes | width | param | syn_steps | batch_syn | memory | precision | allocator | ranks "
-             "| s/iter (median) | x baseline | GFLOP/s | peak RSS GiB | note |", "|" + "---|" * 16]
+             "| pool | s/iter (median) | x baseline | GFLOP/s | peak RSS GiB | note |", "|" + "---|" * 17]
     for row in rows.values():
         med = _median(row)
         b = base.get(_cell_of(row))
@@ -437,9 +504,13 @@ def summarise(rows: dict[str, dict], info: dict) -> str:
         lines.append(" | ".join([
             f"| {row['kind']}", str(row["ipc"]), str(row["classes"]), str(row.get("width", 128)), row["param"],
             str(row["steps"]), str(row["batch_syn"]),
-            row["memory"], row["precision"], row["allocator"], str(row.get("ranks", 1)), f"{med:.2f}" if med else "-",
+            row["memory"], row["precision"] + (f" ({row['bf16_form']})" if "bf16_form" in row else ""), row["allocator"],
+            str(row.get("ranks", 1)), row.get("pool", "2x2"), f"{med:.2f}" if med else "-",
             f"{b / med:.2f}" if med and b else "-", f"{gflop / med:.1f}" if med and gflop else "-",
             f"{rss:.2f}" if rss else "-", note]) + " |")
+    for bench in info.get("pool_microbench", []):
+        lines.append(f"\npool forward + backward, fp32, {bench['shape']}: avg_pool2d {bench['ms_avg_pool2d']:.2f} ms, "
+                     f"AvgPool2x2 {bench['ms_2x2']:.2f} ms ({bench['ms_avg_pool2d'] / bench['ms_2x2']:.2f}x)")
     return "\n".join(lines)
 
 

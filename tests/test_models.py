@@ -1,7 +1,10 @@
 import pytest
 import torch
 
-from mttlss.models import MODELS, ConvNet, ParamLayout, build_model, has_buffers, model_spec
+import torch.nn.functional as F
+from torch import nn
+
+from mttlss.models import MODELS, AvgPool2x2, ConvNet, ParamLayout, build_model, has_buffers, model_spec
 
 
 def _convnet(**kw):
@@ -109,3 +112,23 @@ def test_min_train_batch_and_too_small_images():
         with pytest.raises(ValueError, match=r"image_size \(8, 8\) is too small.*fewer pooling layers"):
             build_model(name, channels=1, num_classes=10, image_size=(8, 8))
     assert build_model("vgg11", channels=1, num_classes=10, image_size=(28, 28))(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (2, 3, 7, 9), (3, 6, 4)])
+def test_avgpool2x2_is_avg_pool2d_to_every_derivative_order(shape):
+    """Even maps take the strided-sum form, odd ones avg_pool2d (floor mode): the same values, and first and second
+    derivatives that gradcheck against finite differences (the matching unroll differentiates twice)."""
+    pool = AvgPool2x2()
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(pool(x), F.avg_pool2d(x, 2, 2), rtol=1e-15, atol=1e-15)
+    assert torch.autograd.gradcheck(pool, (x,)) and torch.autograd.gradgradcheck(pool, (x,))
+    batched = torch.randn(4, *shape, dtype=torch.float64)  # torch.func.vmap: one batch dimension more
+    torch.testing.assert_close(torch.vmap(pool)(batched), torch.stack([F.avg_pool2d(b, 2, 2) for b in batched]))
+
+
+def test_convnet_pools_with_avgpool2x2_and_keeps_the_reference_module_layout():
+    net = _convnet(width=8, depth=3)
+    pools = [m for m in net.features if isinstance(m, nn.AvgPool2d)]
+    assert len(pools) == 3 and all(type(m) is AvgPool2x2 for m in pools)
+    assert [type(m) for m in net.features][:4] == [nn.Conv2d, nn.GroupNorm, nn.ReLU, AvgPool2x2]
+    assert type(_convnet(width=8, depth=1, pool="maxpool").features[3]) is nn.MaxPool2d

@@ -472,7 +472,7 @@ def _memory_choice(choice: dict | None) -> list[str]:
 
 
 def _precision_choice(choice: dict | None) -> list[str]:
-    """The student network's precision in the unroll (``manifest["init"]["precision"]``): fp32, or bf16 autocast."""
+    """The student network's precision in the unroll (``manifest["init"]["precision"]``): fp32, or bf16 products (BF16Products)."""
     return [f"  unroll precision {choice.get('mode')}: {choice.get('why')}"] if choice else []
 
 

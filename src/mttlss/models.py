@@ -58,9 +58,69 @@ def _act(name: str) -> nn.Module:
             "gelu": nn.GELU}[name]()
 
 
+class _MeanPool2x2(torch.autograd.Function):
+    """[..., H, W] -> [..., H/2, W/2] (H, W even): each 2x2 block's mean, from four strided slices. Its backward is
+    _Repeat2x2, whose backward is this again, so every derivative order is one of the two."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        rows = x[..., 0::2, :] + x[..., 1::2, :]                # [..., H/2, W]
+        return (rows[..., 0::2] + rows[..., 1::2]).mul_(0.25)   # [..., H/2, W/2]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _Repeat2x2.apply(grad)
+
+
+class _Repeat2x2(torch.autograd.Function):
+    """[..., h, w] -> [..., 2h, 2w]: each value a quarter of itself, repeated over its 2x2 block (the adjoint of
+    _MeanPool2x2)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad: torch.Tensor) -> torch.Tensor:
+        *lead, h, w = grad.shape
+        quarter = (grad * 0.25)[..., :, None, :, None]          # [..., h, 1, w, 1]
+        return quarter.expand(*lead, h, 2, w, 2).reshape(*lead, 2 * h, 2 * w)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _MeanPool2x2.apply(grad)
+
+
+class AvgPool2x2(nn.AvgPool2d):
+    """nn.AvgPool2d(2, 2) whose derivatives, of every order, are one strided sum or one repeat: [N, C, H, W] ->
+    [N, C, H/2, W/2].
+
+    The same values to float rounding (the four terms are summed in another order) and the same module for
+    everything else (an nn.AvgPool2d, no parameters). avg_pool2d's backward, and that backward's own backward
+    (the matching unroll differentiates twice), are slower on the CPU: measured side by side in
+    benchmarks/results/speed_cpu_forms_2026-12-02.md. Odd sizes take avg_pool2d (floor mode).
+    """
+
+    def __init__(self):
+        super().__init__(kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2] % 2 or x.shape[-1] % 2:
+            return super().forward(x)
+        return _MeanPool2x2.apply(x)
+
+
 def _pool(name: str) -> nn.Module:
     _check_choice("pool", name, POOLS)
-    return nn.AvgPool2d(2, 2) if name == "avgpool" else nn.MaxPool2d(2, 2)
+    return AvgPool2x2() if name == "avgpool" else nn.MaxPool2d(2, 2)
 
 
 def _is_mnist_like(channels: int, image_size: tuple[int, int]) -> bool:
