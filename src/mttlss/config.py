@@ -127,8 +127,8 @@ class DistillConfig:
                                       # "tesla": APPROXIMATE, TESLA's constant-memory gradient (drops the later steps'
                                       # Hessian terms); never chosen by auto; a resume cannot switch it on or off
     precision: str = "auto"           # the student network's: "fp32" | "bf16" (convolutions and linear layers in
-                                      # bf16, all else fp32: matching.BF16Products) | "auto": bf16 on a CPU with native bf16 (amx_bf16 or
-                                      # avx512_bf16) where an inner step's forward is >= 0.5 GFLOP, else fp32 (bf16
+                                      # bf16, all else fp32: matching.BF16Products) | "auto": bf16 on a CPU
+                                      # with native bf16 (amx_bf16 or avx512_bf16) where an inner step's forward is >= 0.5 GFLOP, else fp32 (bf16
                                       # ran 16x slower without; not measured on GPUs); a resume keeps the
                                       # precision the run started in
 

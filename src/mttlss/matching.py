@@ -29,6 +29,7 @@ summed over ranks (``mttlss.distributed``); with one process those sums are the 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -166,10 +167,7 @@ class InnerSteps:
             if self.dsa_config is not None:
                 x = dsa(x, config=self.dsa_config, generator=self.generator)
         mine = local_positions(len(idx))
-        if self.precision == "bf16":
-            with BF16Products():
-                logits = functional_call(self.model, self.layout.unflatten(theta), (x[mine],))
-        else:
+        with BF16Products() if self.precision == "bf16" else contextlib.nullcontext():
             logits = functional_call(self.model, self.layout.unflatten(theta), (x[mine],))
         part = self.label_loss(logits, idx[mine])
         return part if mine == slice(0, len(idx)) else part * (logits.shape[0] / len(idx))
