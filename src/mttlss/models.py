@@ -86,9 +86,11 @@ class _Repeat2x2(torch.autograd.Function):
 
     @staticmethod
     def forward(grad: torch.Tensor) -> torch.Tensor:
+        # columns first, then whole rows: one expand over both axes copies with a stride-0 innermost axis of
+        # length 2, about twice as slow on the CPU (at [10, 128, 16, 16], 1.5 against 0.8 ms)
         *lead, h, w = grad.shape
-        quarter = (grad * 0.25)[..., :, None, :, None]          # [..., h, 1, w, 1]
-        return quarter.expand(*lead, h, 2, w, 2).reshape(*lead, 2 * h, 2 * w)
+        cols = (grad * 0.25)[..., None].expand(*lead, h, w, 2).reshape(*lead, h, 1, 2 * w)   # [..., h, 1, 2w]
+        return cols.expand(*lead, h, 2, 2 * w).reshape(*lead, 2 * h, 2 * w)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
