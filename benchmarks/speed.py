@@ -28,7 +28,6 @@ gradient would dominate one cosine over all of them together.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -89,15 +88,13 @@ def _problem(*, ipc: int, classes: int, param: str, device: str, width: int = 12
     return model, layout, syn, labels, start, target
 
 
-def _autocast_loss(self, theta, n, *, graph_to_images=True):
-    """InnerSteps.loss with precision="bf16" as torch.autocast (every op's output in bf16 where autocast says so),
-    the form the library used before BF16Products: kept here to measure one against the other."""
-    fp32 = dataclasses.replace(self, precision="fp32")
-    with torch.autocast(theta.device.type, dtype=torch.bfloat16):
-        return _LIBRARY_LOSS(fp32, theta, n, graph_to_images=graph_to_images)
-
-
-_LIBRARY_LOSS = InnerSteps.loss
+def autocast_network(device_type: str):
+    """InnerSteps.network_precision with precision="bf16" as torch.autocast around the network alone (every op's
+    output in bf16 where autocast says so; the loss then takes the logits in fp32), the form the library used
+    before BF16Products: kept here to measure one against the other."""
+    def network_precision(self):
+        return torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+    return network_precision
 
 
 def with_reference_pools(model: torch.nn.Module) -> torch.nn.Module:
@@ -122,7 +119,7 @@ def run_variant(args) -> dict:
     if args.pool == "avg_pool2d":
         model = with_reference_pools(model)
     if args.bf16_form == "autocast":
-        InnerSteps.loss = _autocast_loss
+        InnerSteps.network_precision = autocast_network(torch.device(args.device).type)
     hard = syn.labels_hard().to(args.device)
     syn_lr = torch.tensor(0.01, device=args.device, requires_grad=True)
     learnables = (*syn.parameters(), *([labels] if labels is not None else []))
@@ -415,6 +412,7 @@ def main() -> None:
     rows: dict[str, dict] = {}
 
     def record(kind: str, cell: dict, variant: dict, res: dict) -> None:
+        variant = {"pool": "2x2", **variant}  # the worker's default, named in every row
         row = rows.setdefault(_key({"kind": kind, **cell, **variant}), {"kind": kind, **cell, **variant, "runs": []})
         row["runs"].append(res)
         if res.get("seconds"):
@@ -475,7 +473,7 @@ def main() -> None:
 def summarise(rows: dict[str, dict], info: dict) -> str:
     base = {}
     for row in rows.values():
-        if row["kind"] == "speed" and all(row.get(k) == v for k, v in BASELINE.items()):
+        if row["kind"] == "speed" and all({**row, "pool": _pool_of(row)}.get(k) == v for k, v in BASELINE.items()):
             base[_cell_of(row)] = _median(row)
     lines = [f"CPU: {info['cpu']} (amx_bf16={info['amx_bf16']}, avx512_bf16={info.get('avx512_bf16')}), torch {info['torch']}, {info['torch_threads']} threads, "
              f"{info['date']}; matmul {info['matmul_gflops_fp32']:.0f} GFLOP/s fp32, {info['matmul_gflops_bf16']:.0f} bf16",
@@ -505,13 +503,18 @@ def summarise(rows: dict[str, dict], info: dict) -> str:
             f"| {row['kind']}", str(row["ipc"]), str(row["classes"]), str(row.get("width", 128)), row["param"],
             str(row["steps"]), str(row["batch_syn"]),
             row["memory"], row["precision"] + (f" ({row['bf16_form']})" if "bf16_form" in row else ""), row["allocator"],
-            str(row.get("ranks", 1)), row.get("pool", "2x2"), f"{med:.2f}" if med else "-",
+            str(row.get("ranks", 1)), _pool_of(row), f"{med:.2f}" if med else "-",
             f"{b / med:.2f}" if med and b else "-", f"{gflop / med:.1f}" if med and gflop else "-",
             f"{rss:.2f}" if rss else "-", note]) + " |")
     for bench in info.get("pool_microbench", []):
         lines.append(f"\npool forward + backward, fp32, {bench['shape']}: avg_pool2d {bench['ms_avg_pool2d']:.2f} ms, "
                      f"AvgPool2x2 {bench['ms_2x2']:.2f} ms ({bench['ms_avg_pool2d'] / bench['ms_2x2']:.2f}x)")
     return "\n".join(lines)
+
+
+def _pool_of(row: dict) -> str:
+    """A row's pooling; rows recorded before AvgPool2x2 existed name none and used nn.AvgPool2d."""
+    return row.get("pool", "avg_pool2d")
 
 
 def _fmt_error(error: float | None) -> str:

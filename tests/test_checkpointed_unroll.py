@@ -163,6 +163,8 @@ def test_bf16_products_round_only_the_convolutions_and_linear_layers():
     assert torch.equal(n, F.group_norm(h, 4, norm.weight, norm.bias))  # the norm itself in float32
     assert torch.equal(z, F.linear(bf(torch.relu(n).flatten(1)), bf(fc.weight), bf(fc.bias)).float())
     assert not torch.equal(h, conv(x))  # bf16 rounding did happen
+    with BF16Products():  # operands passed by keyword are rounded alike
+        assert torch.equal(F.conv2d(input=x, weight=conv.weight, bias=conv.bias, padding=1), h)
     z.sum().backward()
     assert x.grad.dtype == torch.float32 and conv.weight.grad.dtype == torch.float32
 

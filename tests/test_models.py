@@ -126,6 +126,32 @@ def test_avgpool2x2_is_avg_pool2d_to_every_derivative_order(shape):
     torch.testing.assert_close(torch.vmap(pool)(batched), torch.stack([F.avg_pool2d(b, 2, 2) for b in batched]))
 
 
+def test_avgpool2x2_takes_its_own_form_where_it_applies_and_avg_pool2d_elsewhere():
+    """The strided sum (and the repeat as its derivative) for plain even float32/64 maps; avg_pool2d, and its
+    errors, for everything else; forward mode and vmap over a gradient agree with avg_pool2d's."""
+    pool = AvgPool2x2()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    y = pool(x)
+    (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    assert type(y.grad_fn).__name__ == "_MeanPool2x2Backward" and type(g.grad_fn).__name__ == "_Repeat2x2Backward"
+    others = [x.detach().to(torch.bfloat16), x.detach().float().to(memory_format=torch.channels_last),
+              x.detach()[..., ::2][..., :4], x.detach()[..., :7, :]]
+    for other in others:
+        other.requires_grad_(True)
+        assert type(pool(other).grad_fn).__name__ == "AvgPool2DBackward0"
+        torch.testing.assert_close(pool(other), F.avg_pool2d(other, 2, 2))
+    with pytest.raises(RuntimeError):  # as nn.AvgPool2d: 2-D pooling of a 5-D tensor is refused
+        pool(torch.randn(1, 2, 3, 8, 8))
+    changed = AvgPool2x2()
+    changed.padding = 1
+    torch.testing.assert_close(changed(x), F.avg_pool2d(x, 2, 2, padding=1))
+    t = torch.randn_like(x)
+    torch.testing.assert_close(torch.func.jvp(pool, (x.detach(),), (t,))[1], F.avg_pool2d(t, 2, 2), rtol=1e-15, atol=1e-15)
+    grad_of = lambda p: torch.func.vmap(torch.func.grad(lambda z: p(z).square().sum()))  # noqa: E731
+    batched = torch.randn(4, 2, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(grad_of(pool)(batched), grad_of(nn.AvgPool2d(2, 2))(batched), rtol=1e-15, atol=1e-15)
+
+
 def test_convnet_pools_with_avgpool2x2_and_keeps_the_reference_module_layout():
     net = _convnet(width=8, depth=3)
     pools = [m for m in net.features if isinstance(m, nn.AvgPool2d)]

@@ -120,7 +120,7 @@ class BF16Products(TorchFunctionMode):
         kwargs = kwargs or {}
         if func not in self.PRODUCTS:
             return func(*args, **kwargs)
-        out_dtype = args[0].dtype
+        out_dtype = (args[0] if args else kwargs["input"]).dtype
         low = [a.to(torch.bfloat16) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
         kwargs = {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
                   for k, v in kwargs.items()}
@@ -167,10 +167,14 @@ class InnerSteps:
             if self.dsa_config is not None:
                 x = dsa(x, config=self.dsa_config, generator=self.generator)
         mine = local_positions(len(idx))
-        with BF16Products() if self.precision == "bf16" else contextlib.nullcontext():
+        with self.network_precision():
             logits = functional_call(self.model, self.layout.unflatten(theta), (x[mine],))
-        part = self.label_loss(logits, idx[mine])
+        part = self.label_loss(logits.to(theta.dtype), idx[mine])  # a no-op unless the network returned bf16
         return part if mine == slice(0, len(idx)) else part * (logits.shape[0] / len(idx))
+
+    def network_precision(self) -> contextlib.AbstractContextManager:
+        """What the student network runs under: BF16Products for precision="bf16", nothing for fp32."""
+        return BF16Products() if self.precision == "bf16" else contextlib.nullcontext()
 
     def gradient(self, theta: torch.Tensor, n: int, *, create_graph: bool, graph_to_images: bool = True) -> torch.Tensor:
         """(Rank-local part of) the inner gradient grad_theta l at step n, [P]."""

@@ -77,6 +77,10 @@ class _MeanPool2x2(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         return _Repeat2x2.apply(grad)
 
+    @staticmethod
+    def jvp(ctx, tangent: torch.Tensor) -> torch.Tensor:   # linear: the tangent is pooled alike (forward mode)
+        return _MeanPool2x2.apply(tangent)
+
 
 class _Repeat2x2(torch.autograd.Function):
     """[..., h, w] -> [..., 2h, 2w]: each value a quarter of itself, repeated over its 2x2 block (the adjoint of
@@ -100,6 +104,10 @@ class _Repeat2x2(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         return _MeanPool2x2.apply(grad)
 
+    @staticmethod
+    def jvp(ctx, tangent: torch.Tensor) -> torch.Tensor:
+        return _Repeat2x2.apply(tangent)
+
 
 class AvgPool2x2(nn.AvgPool2d):
     """nn.AvgPool2d(2, 2) whose derivatives, of every order, are one strided sum or one repeat: [N, C, H, W] ->
@@ -108,16 +116,24 @@ class AvgPool2x2(nn.AvgPool2d):
     The same values to float rounding (the four terms are summed in another order) and the same module for
     everything else (an nn.AvgPool2d, no parameters). avg_pool2d's backward, and that backward's own backward
     (the matching unroll differentiates twice), are slower on the CPU: measured side by side in
-    benchmarks/results/speed_cpu_forms_2026-12-02.md. Odd sizes take avg_pool2d (floor mode).
+    benchmarks/results/speed_cpu_forms_2026-12-02.md. Everything but that form takes avg_pool2d itself: odd
+    sizes (floor mode), inputs that are not [C, H, W] or [N, C, H, W], channels-last or otherwise strided
+    layouts, reduced precision (avg_pool2d sums bf16/fp16 in fp32 and rounds once), and changed settings.
     """
 
     def __init__(self):
         super().__init__(kernel_size=2, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2] % 2 or x.shape[-1] % 2:
-            return super().forward(x)
-        return _MeanPool2x2.apply(x)
+        if self._strided_sum(x):
+            return _MeanPool2x2.apply(x)
+        return super().forward(x)
+
+    def _strided_sum(self, x: torch.Tensor) -> bool:
+        plain = (self.kernel_size in (2, (2, 2)) and self.stride in (2, (2, 2)) and self.padding in (0, (0, 0))
+                 and self.divisor_override is None)
+        return (plain and x.dim() in (3, 4) and x.dtype in (torch.float32, torch.float64)
+                and x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0 and x.stride(-1) == 1)
 
 
 def _pool(name: str) -> nn.Module:
