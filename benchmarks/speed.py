@@ -6,7 +6,8 @@
     python benchmarks/speed.py --tesla          # only memory=tesla against full and checkpoint, pixel cells (~15 min)
     python benchmarks/speed.py --allocators     # only the allocators (tcmalloc, jemalloc where installed), pixel cells
     python benchmarks/speed.py --precisions     # only fp32 against bf16, every speed cell, with the command's allocator
-    python benchmarks/speed.py --forms          # bf16 as autocast or as BF16Products x avg_pool2d or AvgPool2x2 (~30 min)
+    python benchmarks/speed.py --forms          # bf16 as autocast or as BF16Products x avg_pool2d or AvgPool2x2 (~45 min at --rounds 3 --iters 2)
+    python benchmarks/speed.py --threshold      # fp32 against bf16 where precision=auto draws its line (~10 min)
     python benchmarks/speed.py --tesla --fidelity-only   # only the fidelity rows (here tesla's), no timing
 
 One outer iteration = decode, DSA and the unroll of ``syn_steps`` student steps (ConvNet-3 width 128 on CIFAR
@@ -290,6 +291,18 @@ BENCHMARK_CELLS = [dict(ipc=1, classes=10, param="lowrank", steps=80, batch_syn=
                    dict(ipc=10, classes=10, param="lowrank", steps=40, batch_syn=50, width=32)]
 
 
+# precision=auto's threshold (distillation.AUTO_BF16_MIN_GFLOP, 0.5 GFLOP a step's forward) sits at 5 images of
+# width 128 on 32x32: --threshold measures bf16 there and on the narrow cells above, where auto keeps fp32
+THRESHOLD_CELL = dict(ipc=1, classes=10, param="pixel", steps=50, batch_syn=5, width=128)
+
+
+def threshold_variants(cell: dict) -> list[dict]:
+    """--threshold: full mode in fp32 and in bf16 under the command's allocator (no baseline: the ratio that
+    matters is bf16's gain at the threshold's sizes)."""
+    allocator = command_allocator()
+    return [dict(memory="full", precision=p, allocator=allocator) for p in ("fp32", "bf16")]
+
+
 def command_allocator() -> str:
     """The allocator the mttlss command would run under here (MTTLSS_ALLOCATOR=auto), as a variant's name."""
     name = allocator_plan({ALLOCATOR_ENV: "auto"})["allocator"]
@@ -356,17 +369,21 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--full-memory-limit-gib", type=float, default=18.0,
                     help="skip full mode where the fit of the shorter unrolls projects more than this (the machine has 24)")
+    mode = ap.add_mutually_exclusive_group()  # one record per run: its name says which of these it is
     ap.add_argument("--skip-bf16", action="store_true", help="skip the bf16 rows (20x slower where bf16 is not native)")
-    ap.add_argument("--memory-only", action="store_true", help="only the memory series (peak RSS does not depend on load)")
-    ap.add_argument("--tesla", action="store_true", help="only tesla against full and checkpoint (tuned), pixel cells")
-    ap.add_argument("--allocators", action="store_true",
+    mode.add_argument("--memory-only", action="store_true", help="only the memory series (peak RSS does not depend on load)")
+    mode.add_argument("--tesla", action="store_true", help="only tesla against full and checkpoint (tuned), pixel cells")
+    mode.add_argument("--allocators", action="store_true",
                     help="only the allocators (system, glibc mallopt, tcmalloc, jemalloc where installed), pixel cells")
-    ap.add_argument("--precisions", action="store_true",
+    mode.add_argument("--precisions", action="store_true",
                     help="only fp32 against bf16 in each exact memory mode, every speed cell, the command's allocator; "
                          "a fidelity row (outer-gradient cosine against exact fp32) per cell")
-    ap.add_argument("--forms", action="store_true",
+    mode.add_argument("--forms", action="store_true",
                     help="only bf16's two forms (autocast, BF16Products) x the two poolings (avg_pool2d, AvgPool2x2) in full "
                          "mode beside the baseline and full fp32, every speed cell; a fidelity row per cell for the library's bf16")
+    mode.add_argument("--threshold", action="store_true",
+                    help="only fp32 against bf16 (full mode) at precision=auto's threshold (5 images of width 128) and "
+                         "on the CPU benchmark's width-32 cells, where auto keeps fp32")
     ap.add_argument("--fidelity-only", action="store_true",
                     help="only the fidelity rows (bf16's with --precisions, else tesla's): no timing")
     ap.add_argument("--out", default=None)
@@ -406,6 +423,8 @@ def main() -> None:
     if args.forms:
         memory_series, args.skip_bf16 = [], True
         info["pool_microbench"] = pool_microbench()
+    if args.threshold:
+        speed_cells, memory_series, args.skip_bf16 = [*BENCHMARK_CELLS, THRESHOLD_CELL], [], True
     rounds = 0 if args.memory_only or args.fidelity_only else 1 if args.quick else args.rounds
     if args.fidelity_only:
         memory_series, args.skip_bf16 = [], True
@@ -426,7 +445,7 @@ def main() -> None:
     for r in range(rounds):
         print(f"# round {r + 1}/{rounds}", flush=True)
         for cell in speed_cells:
-            chosen = TESLA_COMPARISON if args.tesla else allocator_variants(cell) if args.allocators else \
+            chosen = threshold_variants(cell) if args.threshold else TESLA_COMPARISON if args.tesla else allocator_variants(cell) if args.allocators else \
                 precision_variants(cell) if args.precisions else form_variants(cell) if args.forms else \
                 variants_for(cell, args.paper)
             for variant in chosen:
@@ -453,14 +472,15 @@ def main() -> None:
         for cell in speed_cells:
             for variant in precision_variants(cell)[3:] if args.precisions else form_variants(cell)[-1:]:
                 record("fidelity", cell, variant, run_child(cell, variant, iters=0, device=args.device, fidelity=True))
-    elif not args.memory_only and not args.allocators:  # how far TESLA's gradient is from the exact one, per cell
+    elif not args.memory_only and not args.allocators and not args.threshold:  # how far TESLA's gradient is from the exact one, per cell
         for cell in speed_cells:
             record("fidelity", cell, TESLA, run_child(cell, TESLA, iters=0, device=args.device, fidelity=True))
 
     table = summarise(rows, info)
     stamp = info["date"]
     kind = "quick_" if args.quick else "memory_" if args.memory_only else "tesla_" if args.tesla else \
-        "allocators_" if args.allocators else "precisions_" if args.precisions else "forms_" if args.forms else ""
+        "allocators_" if args.allocators else "precisions_" if args.precisions else "forms_" if args.forms else \
+        "threshold_" if args.threshold else ""
     kind += "fidelity_" if args.fidelity_only else ""
     out = Path(args.out) if args.out else RESULTS / f"speed_{args.device.split(':')[0]}_{kind}{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -68,11 +68,13 @@ _RESUMABLE_CHANGES = {"iterations", "stop_after", "device", "tensorboard", "wand
 _START_ONLY = {"labels", "label_init", "label_temperature", "label_confidence", "threshold_probe"}
 # precision=auto takes bf16 on a CPU with native bf16 only where one inner step's forward costs at least this many
 # GFLOP. Measured on a 2-core AMD EPYC with avx512_bf16 (Zen 4), bf16 against fp32 under the same allocator, full
-# mode, two runs of 2 alternated rounds (benchmarks/results/speed_cpu_precisions_{run1_,}2026-12-02.md, the README):
-# ConvNet-3 width 128, batches of 100 (10 GFLOP a step): 1.27-1.42x; batches of 10 (1.0 GFLOP): 1.15-1.29x; the
-# CIFAR CPU benchmark's width 32, batches of 32 (0.25 GFLOP): 0.95x, of 50 (0.38 GFLOP): 1.10x, too little for
-# an inexact gradient; the digits quickstart (width 32 on 8x8): 0.86-1.0x a distillation iteration. Per learnable,
-# the outer gradient's cosine with fp32's was 0.992-0.999 on those cells.
+# mode, medians of 3 alternated rounds, bf16 as matching.BF16Products (python benchmarks/speed.py --threshold,
+# benchmarks/results/speed_cpu_threshold_2026-12-02.md): ConvNet-3 width 128, 5 images a step (0.51 GFLOP, the
+# threshold): 1.41x; the CIFAR CPU benchmark's width 32, batches of 32 (0.25 GFLOP): 1.04x, of 50 (0.38 GFLOP):
+# 1.17x, too little for an inexact gradient. Larger steps gain more: width 128, 10 images (1.0 GFLOP) 1.40-1.50x,
+# 100 images (10 GFLOP) 1.54-1.62x over fp32 (speed_cpu_forms_2026-12-02.md). Under the earlier autocast form the
+# width-32 cells gave 0.95x and 1.10x and the digits quickstart (width 32 on 8x8) 0.86-1.0x. Per learnable, the
+# outer gradient's cosine with fp32's was 0.992-0.999 on those cells.
 AUTO_BF16_MIN_GFLOP = 0.5
 
 

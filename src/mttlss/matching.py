@@ -108,10 +108,11 @@ class BF16Products(TorchFunctionMode):
 
     Where bf16 is native the convolutions are what it speeds up. Unlike ``torch.autocast``, whose bf16 outputs
     carry on through the norms, activations and pools, the elementwise work stays in fp32, which on the CPUs
-    measured is faster than in bf16 (no conversions) and keeps those sums in fp32. With AvgPool2x2, 0.89-0.92x
-    the time per outer iteration of autocast with avg_pool2d on an AMD EPYC with avx512_bf16 (medians of 2 rounds,
-    IPC 1 / 50 and IPC 10 / 20; benchmarks/results/speed_cpu_forms_2026-12-02.md), gradient cosine to fp32 0.993-0.999,
-    at more memory in full mode (5.8 against 3.9 GiB at IPC 10 / 20: the norms save fp32 tensors).
+    measured is faster than in bf16 (no conversions) and keeps those sums in fp32. With AvgPool2x2, 0.75-0.83x
+    the time per outer iteration of autocast (around the network) with avg_pool2d on an AMD EPYC with avx512_bf16
+    (medians of 3 rounds, IPC 1 / 50 and IPC 10 / 20; benchmarks/results/speed_cpu_forms_2026-12-02.md), gradient
+    cosine to fp32 0.993-0.999, at more memory in full mode (5.8-5.9 against 3.9-4.0 GiB at IPC 10 / 20: the norms
+    save fp32 tensors).
     """
 
     PRODUCTS = frozenset({F.conv1d, F.conv2d, F.conv3d, F.linear})
