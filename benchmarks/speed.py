@@ -369,21 +369,21 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--full-memory-limit-gib", type=float, default=18.0,
                     help="skip full mode where the fit of the shorter unrolls projects more than this (the machine has 24)")
-    mode = ap.add_mutually_exclusive_group()  # one record per run: its name says which of these it is
     ap.add_argument("--skip-bf16", action="store_true", help="skip the bf16 rows (20x slower where bf16 is not native)")
+    mode = ap.add_mutually_exclusive_group()  # one record per run: its name says which of these it is
     mode.add_argument("--memory-only", action="store_true", help="only the memory series (peak RSS does not depend on load)")
     mode.add_argument("--tesla", action="store_true", help="only tesla against full and checkpoint (tuned), pixel cells")
     mode.add_argument("--allocators", action="store_true",
-                    help="only the allocators (system, glibc mallopt, tcmalloc, jemalloc where installed), pixel cells")
+                      help="only the allocators (system, glibc mallopt, tcmalloc, jemalloc where installed), pixel cells")
     mode.add_argument("--precisions", action="store_true",
-                    help="only fp32 against bf16 in each exact memory mode, every speed cell, the command's allocator; "
-                         "a fidelity row (outer-gradient cosine against exact fp32) per cell")
+                      help="only fp32 against bf16 in each exact memory mode, every speed cell, the command's allocator; "
+                           "a fidelity row (outer-gradient cosine against exact fp32) per cell")
     mode.add_argument("--forms", action="store_true",
-                    help="only bf16's two forms (autocast, BF16Products) x the two poolings (avg_pool2d, AvgPool2x2) in full "
-                         "mode beside the baseline and full fp32, every speed cell; a fidelity row per cell for the library's bf16")
+                      help="only bf16's two forms (autocast, BF16Products) x the two poolings (avg_pool2d, AvgPool2x2) in full "
+                           "mode beside the baseline and full fp32, every speed cell; a fidelity row per cell for the library's bf16")
     mode.add_argument("--threshold", action="store_true",
-                    help="only fp32 against bf16 (full mode) at precision=auto's threshold (5 images of width 128) and "
-                         "on the CPU benchmark's width-32 cells, where auto keeps fp32")
+                      help="only fp32 against bf16 (full mode) at precision=auto's threshold (5 images of width 128) and "
+                           "on the CPU benchmark's width-32 cells, where auto keeps fp32")
     ap.add_argument("--fidelity-only", action="store_true",
                     help="only the fidelity rows (bf16's with --precisions, else tesla's): no timing")
     ap.add_argument("--out", default=None)
@@ -445,9 +445,9 @@ def main() -> None:
     for r in range(rounds):
         print(f"# round {r + 1}/{rounds}", flush=True)
         for cell in speed_cells:
-            chosen = threshold_variants(cell) if args.threshold else TESLA_COMPARISON if args.tesla else allocator_variants(cell) if args.allocators else \
-                precision_variants(cell) if args.precisions else form_variants(cell) if args.forms else \
-                variants_for(cell, args.paper)
+            chosen = threshold_variants(cell) if args.threshold else TESLA_COMPARISON if args.tesla else \
+                allocator_variants(cell) if args.allocators else precision_variants(cell) if args.precisions else \
+                form_variants(cell) if args.forms else variants_for(cell, args.paper)
             for variant in chosen:
                 record("speed", cell, variant, run_child(cell, variant, iters=args.iters, device=args.device))
     # memory: one iteration per point; full mode only where a linear fit of its shorter unrolls fits the machine
@@ -472,7 +472,7 @@ def main() -> None:
         for cell in speed_cells:
             for variant in precision_variants(cell)[3:] if args.precisions else form_variants(cell)[-1:]:
                 record("fidelity", cell, variant, run_child(cell, variant, iters=0, device=args.device, fidelity=True))
-    elif not args.memory_only and not args.allocators and not args.threshold:  # how far TESLA's gradient is from the exact one, per cell
+    elif not (args.memory_only or args.allocators or args.threshold):  # how far TESLA's gradient is from the exact one
         for cell in speed_cells:
             record("fidelity", cell, TESLA, run_child(cell, TESLA, iters=0, device=args.device, fidelity=True))
 
