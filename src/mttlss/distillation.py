@@ -75,6 +75,8 @@ _START_ONLY = {"labels", "label_init", "label_temperature", "label_confidence", 
 # 100 images (10 GFLOP) 1.54-1.62x over fp32 (speed_cpu_forms_2026-12-02.md). Under the earlier autocast form the
 # width-32 cells gave 0.95x and 1.10x and the digits quickstart (width 32 on 8x8) 0.86-1.0x. Per learnable, the
 # outer gradient's cosine with fp32's was 0.992-0.999 on those cells.
+# On a 2-core Intel Xeon with AMX (amx_bf16) the same full-mode comparison gave 1.21-1.45x at width 128 with 10
+# images and 1.27-1.34x with 100 (speed_cpu_forms_amx_2026-12-02.md); the threshold's cells were not rerun there.
 AUTO_BF16_MIN_GFLOP = 0.5
 
 

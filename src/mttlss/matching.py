@@ -112,7 +112,9 @@ class BF16Products(TorchFunctionMode):
     the time per outer iteration of autocast (around the network) with avg_pool2d on an AMD EPYC with avx512_bf16
     (medians of 3 rounds, IPC 1 / 50 and IPC 10 / 20; benchmarks/results/speed_cpu_forms_2026-12-02.md), gradient
     cosine to fp32 0.993-0.999, at more memory in full mode (5.8-5.9 against 3.9-4.0 GiB at IPC 10 / 20: the norms
-    save fp32 tensors).
+    save fp32 tensors). On a 2-core Intel Xeon with AMX the products form was again the faster one: 0.82-0.83x
+    the time of autocast (both with AvgPool2x2) at IPC 10 / 20, 0.91-0.98x at IPC 1 / 50
+    (speed_cpu_forms_amx_2026-12-02.md).
     """
 
     PRODUCTS = frozenset({F.conv1d, F.conv2d, F.conv3d, F.linear})
